@@ -1,0 +1,82 @@
+//! Writing files so that a crash never leaves a half-written one: every writer in the crate goes
+//! through [`atomic_write`] (write a temporary file beside the target, fsync, rename).
+
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Write `bytes` to `path` atomically: readers see the old file or the new one, never a torn one.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create folder {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "out".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all().ok();
+    }
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Save named tensors as safetensors with string metadata, atomically.
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &[(String, candle_core::Tensor)],
+    metadata: &HashMap<String, String>,
+) -> Result<()> {
+    let views: Vec<(String, candle_core::Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let meta = if metadata.is_empty() {
+        None
+    } else {
+        Some(metadata.clone())
+    };
+    let bytes = safetensors::tensor::serialize(
+        views.iter().map(|(k, t)| (k.as_str(), t)),
+        meta,
+    )
+    .with_context(|| format!("cannot serialize tensors for {}", path.display()))?;
+    atomic_write(path, &bytes)
+}
+
+/// Read the string metadata of a safetensors file.
+pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// Append one line to a file and flush it (results logs: a killed run loses at most the line
+/// being written, and a torn last line is skipped by readers).
+pub fn append_line(path: &Path, line: &str) -> Result<()> {
+    if let Some(d) = path.parent() {
+        if !d.as_os_str().is_empty() {
+            std::fs::create_dir_all(d)?;
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {} for appending", path.display()))?;
+    f.write_all(format!("{line}\n").as_bytes())
+        .with_context(|| format!("cannot append to {}", path.display()))?;
+    f.sync_data().ok();
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! attractor: personalized text-to-image generation on Stable Diffusion 1.5 with candle.
+//!
+//! Data flows one way: files -> tensors -> models -> losses / samples -> scores -> reports.
+//! `sd` and `nn` do no I/O and know nothing of the command line.
+
+pub mod files;
+pub mod nn;
+pub mod rng;
