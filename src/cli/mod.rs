@@ -1,0 +1,87 @@
+//! The command line: one verb per file, each a clap `Args` struct plus `run`. Every verb flattens
+//! [`Common`], so the same name means the same thing everywhere (SPEC.md §0). Nothing below this
+//! module knows about flags: a verb resolves flags + TOML into the settings struct of the library
+//! module it drives, and owns all console output.
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// The flags every verb takes (SPEC.md §0).
+#[derive(Args, Debug, Clone, Default)]
+pub struct Common {
+    /// SD 1.5 weights: a local folder in the diffusers layout or a Hugging Face repo id.
+    #[arg(long, global = true)]
+    pub model: Option<String>,
+    /// A dataset folder in the split-test layout (default: the bundled benchmark).
+    #[arg(long, global = true)]
+    pub data: Option<PathBuf>,
+    /// Subject name (a folder of the dataset).
+    #[arg(long, global = true)]
+    pub subject: Option<String>,
+    /// Output folder.
+    #[arg(long, global = true)]
+    pub out: Option<PathBuf>,
+    /// Random seed.
+    #[arg(long, global = true)]
+    pub seed: Option<u64>,
+    /// `cpu` or `cuda:N`.
+    #[arg(long, global = true)]
+    pub device: Option<String>,
+    /// Never touch the network (also set by HF_HUB_OFFLINE=1).
+    #[arg(long, global = true)]
+    pub offline: bool,
+    /// A TOML preset; flags override its values.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+}
+
+impl Common {
+    /// The compute device named by `--device` (default cpu).
+    pub fn device(&self) -> Result<Device> {
+        parse_device(self.device.as_deref().unwrap_or("cpu"))
+    }
+
+    /// True when `--offline` or `HF_HUB_OFFLINE=1` is given.
+    pub fn offline(&self) -> bool {
+        self.offline
+            || std::env::var("HF_HUB_OFFLINE")
+                .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+                .unwrap_or(false)
+    }
+}
+
+/// Parse `cpu` or `cuda:N` (`cuda` = `cuda:0`).
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n: usize = s
+                .strip_prefix("cuda:")
+                .unwrap_or("0")
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--device {s}: expected cpu or cuda:N"))?;
+            if !candle_core::utils::cuda_is_available() {
+                bail!("--device {s}: this binary was built without CUDA; rebuild with `cargo build --release --features cuda` (see scripts/build-cuda.sh) or use --device cpu");
+            }
+            Ok(Device::new_cuda(n)?)
+        }
+        _ => bail!("--device {s}: expected cpu or cuda:N"),
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "attractor", version, about = "Personalized text-to-image generation on Stable Diffusion 1.5: Textual Inversion, NeTI and the attractor, with honest split-test evaluation")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub verb: Verb,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Verb {}
+
+/// Run the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.verb {}
+}
