@@ -38,10 +38,11 @@ impl Module for Linear {
         let x = x.contiguous()?;
         let w = self.weight.t()?;
         let y = match x.dims() {
-            [b1, b2, m, k] => x
-                .reshape((b1 * b2 * m, *k))?
-                .matmul(&w)?
-                .reshape((*b1, *b2, *m, ()))?,
+            [b1, b2, m, k] => {
+                x.reshape((b1 * b2 * m, *k))?
+                    .matmul(&w)?
+                    .reshape((*b1, *b2, *m, ()))?
+            }
             [b, m, k] => x.reshape((b * m, *k))?.matmul(&w)?.reshape((*b, *m, ()))?,
             _ => x.matmul(&w)?,
         };
@@ -122,7 +123,9 @@ impl Module for GroupNorm {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
-        let xg = x.reshape((b, self.groups, ()))?.to_dtype(DType::F32)?;
+        let xg = x
+            .reshape((b, self.groups, ()))?
+            .to_dtype(stat_dtype(dtype))?;
         let mean = xg.mean_keepdim(2)?;
         let xc = xg.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(2)?;
@@ -167,12 +170,20 @@ impl Module for LayerNorm {
 /// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension (biased variance, as PyTorch).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(stat_dtype(dtype))?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     xn.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// Statistics of half-precision activations are computed in f32; f32 and f64 stay as they are.
+fn stat_dtype(d: DType) -> DType {
+    match d {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
 }
 
 /// Softmax over the last dimension with a backward pass. The max is detached: it only shifts the
@@ -200,7 +211,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
 /// Split `[b, n, heads * d]` into `[b, heads, n, d]`.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
-    x.reshape((b, n, heads, c / heads))?.transpose(1, 2)?.contiguous()
+    x.reshape((b, n, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// Merge `[b, heads, n, d]` back into `[b, n, heads * d]`.
