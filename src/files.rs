@@ -82,3 +82,11 @@ pub fn append_line(path: &Path, line: &str) -> Result<()> {
     f.sync_data().ok();
     Ok(())
 }
+
+/// Save an 8-bit RGB image as PNG, atomically (same image, same bytes).
+pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<()> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut buf, image::ImageFormat::Png)
+        .with_context(|| format!("cannot encode {}", path.display()))?;
+    atomic_write(path, &buf.into_inner())
+}

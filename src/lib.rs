@@ -5,6 +5,8 @@
 
 pub mod cli;
 pub mod files;
+pub mod hub;
+pub mod pipeline;
 pub mod nn;
 pub mod rng;
 pub mod sd;

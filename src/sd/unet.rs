@@ -56,6 +56,13 @@ pub struct UNetConfig {
     pub only_cross_attention: bool,
     #[serde(default)]
     pub upcast_attention: bool,
+    /// Latent side the model was trained at (64 for SD 1.5 = 512 px).
+    #[serde(default = "default_sample_size")]
+    pub sample_size: usize,
+}
+
+fn default_sample_size() -> usize {
+    64
 }
 
 fn default_mid() -> Option<String> {

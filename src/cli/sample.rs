@@ -1,0 +1,125 @@
+//! `attractor sample`: generate images from a prompt, optionally with a learned subject
+//! (`--run RUN_DIR`, `{}` in the prompt stands for it).
+
+use super::Common;
+use crate::hub::{self, ModelSource};
+use crate::pipeline::{SampleSettings, StableDiffusion};
+use crate::sd::samplers::SamplerKind;
+use anyhow::{Context, Result};
+use candle_core::DType;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The prompt; with --run, `{}` stands for the learned subject.
+    #[arg(long)]
+    pub prompt: String,
+    /// The unconditional (negative) prompt.
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Sampler steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
+    pub sampler: SamplerKind,
+    /// How many images (image i uses seed + i).
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+    /// Image height in pixels (default: the UNet config's sample_size x 8, 512 for SD 1.5).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Image width in pixels (default as --height).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// A training run folder (what `train --out` wrote): sample its learned subject.
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+    /// NeTI: zero the mapper's hidden units from this index on (fewer = more editable).
+    #[arg(long)]
+    pub truncation: Option<usize>,
+    /// Sample attractor K's learned background instead of the subject (`{}` -> `<aK*>`).
+    #[arg(long)]
+    pub attractor: Option<usize>,
+}
+
+pub fn model_source(common: &Common) -> Result<ModelSource> {
+    let m = common.model.as_deref().unwrap_or(hub::SD15_REPO);
+    Ok(ModelSource::parse(m).context("--model")?)
+}
+
+/// Load SD 1.5 as `--model`/`--offline`/`--device` say.
+pub fn load_model(common: &Common) -> Result<StableDiffusion> {
+    let source = model_source(common)?;
+    let files = hub::resolve_sd(&source, common.offline())?;
+    let device = common.device()?;
+    StableDiffusion::open(&files, &device, DType::F32)
+}
+
+pub fn progress(len: u64, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+pub fn run(args: &SampleArgs) -> Result<()> {
+    let out = args
+        .common
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("samples"));
+    let sd = load_model(&args.common)?;
+    let native = sd.unet.config.sample_size * 8;
+    let settings = SampleSettings {
+        steps: args.steps,
+        guidance: args.guidance,
+        sampler: args.sampler,
+        height: args.height.unwrap_or(native),
+        width: args.width.unwrap_or(args.height.unwrap_or(native)),
+        negative_prompt: args.negative_prompt.clone(),
+    };
+    let seed = args.common.seed.unwrap_or(0);
+    let mut subject: Option<()> = None;
+    if args.run.is_some() || args.truncation.is_some() || args.attractor.is_some() {
+        anyhow::bail!("--run/--truncation/--attractor: learned subjects land with `attractor train`");
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut written = Vec::new();
+    for i in 0..args.num_images {
+        let s = seed + i as u64;
+        let pb = progress(settings.steps as u64, &format!("image {}/{}", i + 1, args.num_images));
+        let mut on_step = |k: usize, _n: usize| pb.set_position(k as u64);
+        let img = match subject.as_mut() {
+            Some(_) => unreachable!(),
+            None => sd.generate(&settings, &args.prompt, None, s, &mut on_step)?,
+        };
+        pb.finish_and_clear();
+        let path = out.join(format!("{i:03}-seed{s}.png"));
+        crate::files::save_png(&img, &path)?;
+        eprintln!("wrote {}", path.display());
+        written.push(path.display().to_string());
+    }
+    let record = serde_json::json!({
+        "model": sd.id,
+        "prompt": args.prompt,
+        "seed": seed,
+        "settings": settings,
+        "run": args.run,
+        "truncation": args.truncation,
+        "attractor": args.attractor,
+        "images": written,
+    });
+    crate::files::atomic_write(&out.join("sample.json"), serde_json::to_string_pretty(&record)?.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! Text-to-image with SD 1.5: load the model bundle from the files `crate::hub` found, encode
+//! prompts (with learned token rows spliced in), run a sampler with classifier-free guidance, and
+//! decode latents to images. Follows diffusers' `StableDiffusionPipeline.__call__`:
+//! `eps = eps_u + g * (eps_c - eps_u)` on a batch of [unconditional, conditional].
+
+use crate::hub::SdFiles;
+use crate::personalize::tokens::{ids_tensor, ClipTokenizer};
+use crate::rng::Rng;
+use crate::sd::samplers::{make_sampler, SamplerKind};
+use crate::sd::schedule::{NoiseSchedule, SchedulerConfig};
+use crate::sd::text_encoder::{TextConfig, TextEncoder};
+use crate::sd::unet::{Conditioning, UNet, UNetConfig};
+use crate::sd::vae::{Vae, VaeConfig};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The CLIP BPE tokenizer, bundled so that the binary works without it on disk.
+pub const BUNDLED_TOKENIZER: &[u8] = include_bytes!("../assets/clip-tokenizer.json");
+
+/// How to sample (SPEC.md §2 defaults: DDIM 50 steps, CFG 7.5, 512 x 512).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SampleSettings {
+    /// Sampler steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    pub guidance: f64,
+    pub sampler: SamplerKind,
+    /// Image height in pixels (a multiple of 8).
+    pub height: usize,
+    /// Image width in pixels (a multiple of 8).
+    pub width: usize,
+    /// The unconditional prompt.
+    pub negative_prompt: String,
+}
+
+impl Default for SampleSettings {
+    fn default() -> Self {
+        Self {
+            steps: 50,
+            guidance: 7.5,
+            sampler: SamplerKind::Ddim,
+            height: 512,
+            width: 512,
+            negative_prompt: String::new(),
+        }
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T> {
+    let s = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    serde_json::from_str(&s).with_context(|| format!("{} is not a valid config", p.display()))
+}
+
+/// Memory-map a safetensors file into a VarBuilder, naming the file in errors.
+pub fn open_weights(p: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    // SAFETY: the file is mapped read-only; the crate never writes to weight files it has open.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[p], dtype, device) }
+        .with_context(|| format!("cannot load weights {}", p.display()))
+}
+
+/// The loaded SD 1.5 model.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text: TextEncoder,
+    pub unet: UNet,
+    pub vae: Vae,
+    pub vae_config: VaeConfig,
+    pub schedule: NoiseSchedule,
+    pub scheduler_config: SchedulerConfig,
+    pub device: Device,
+    pub dtype: DType,
+    /// Model id recorded in outputs.
+    pub id: String,
+}
+
+impl StableDiffusion {
+    /// Load every part of the model from `files` onto `device` in `dtype`.
+    pub fn open(files: &SdFiles, device: &Device, dtype: DType) -> Result<Self> {
+        let tokenizer = match &files.tokenizer {
+            Some(p) => ClipTokenizer::from_file(p)
+                .with_context(|| format!("cannot load tokenizer {}", p.display()))?,
+            None => ClipTokenizer::new(
+                tokenizers::Tokenizer::from_bytes(BUNDLED_TOKENIZER)
+                    .map_err(|e| anyhow::anyhow!("bundled tokenizer: {e}"))?,
+            )?,
+        };
+        let text_cfg: TextConfig = read_json(&files.text_config)?;
+        let text = TextEncoder::new(open_weights(&files.text_weights, dtype, device)?, &text_cfg)
+            .with_context(|| format!("text encoder weights {}", files.text_weights.display()))?;
+        let unet_cfg: UNetConfig = read_json(&files.unet_config)?;
+        unet_cfg
+            .validate()
+            .with_context(|| format!("{}", files.unet_config.display()))?;
+        let unet = UNet::new(open_weights(&files.unet_weights, dtype, device)?, &unet_cfg)
+            .with_context(|| format!("unet weights {}", files.unet_weights.display()))?;
+        let vae_config: VaeConfig = read_json(&files.vae_config)?;
+        let vae = Vae::new(open_weights(&files.vae_weights, dtype, device)?, &vae_config)
+            .with_context(|| format!("vae weights {}", files.vae_weights.display()))?;
+        let scheduler_config: SchedulerConfig = read_json(&files.scheduler_config)?;
+        let schedule = NoiseSchedule::new(&scheduler_config)?;
+        Ok(Self {
+            tokenizer,
+            text,
+            unet,
+            vae,
+            vae_config,
+            schedule,
+            scheduler_config,
+            device: device.clone(),
+            dtype,
+            id: files.id.clone(),
+        })
+    }
+
+    /// Tokenize a prompt to `[1, 77]` ids; warns once on stderr if it was truncated.
+    pub fn tokenize(&self, prompt: &str) -> Result<Tensor> {
+        let t = self.tokenizer.encode(prompt)?;
+        if t.truncated {
+            warn_truncated(prompt);
+        }
+        Ok(ids_tensor(&[t], &self.device)?)
+    }
+
+    /// Text conditioning `[1, 77, D]` of a prompt, with learned rows for added tokens.
+    pub fn encode_prompt(&self, prompt: &str, extra: Option<&Tensor>) -> Result<Tensor> {
+        let ids = self.tokenize(prompt)?;
+        Ok(self.text.forward(&ids, extra)?)
+    }
+
+    /// Initial latents `[1, 4, h/8, w/8]` from a seed (our own RNG: same seed, same bytes).
+    pub fn initial_latents(&self, s: &SampleSettings, seed: u64) -> Result<Tensor> {
+        let f = 1usize << (self.vae_config.block_out_channels.len() - 1);
+        if s.height % f != 0 || s.width % f != 0 {
+            anyhow::bail!("--height/--width must be multiples of {f}, got {}x{}", s.height, s.width);
+        }
+        let mut rng = Rng::new(seed);
+        let c = self.unet.config.in_channels;
+        Ok(rng
+            .randn((1, c, s.height / f, s.width / f), &self.device)?
+            .to_dtype(self.dtype)?)
+    }
+
+    /// Denoise `latents` with classifier-free guidance. `cond(t)` gives the conditional branch's
+    /// conditioning at sampler timestep `t` (constant for plain prompts and TI; per timestep and
+    /// layer for NeTI); the unconditional branch uses `uncond` `[1, 77, D]`. `on_step` is called
+    /// after every step (progress bars).
+    pub fn denoise(
+        &self,
+        s: &SampleSettings,
+        latents: Tensor,
+        uncond: &Tensor,
+        cond: &mut dyn FnMut(usize) -> Result<Conditioning>,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let mut sampler = make_sampler(s.sampler, &self.schedule, &self.scheduler_config, s.steps)?;
+        let timesteps: Vec<usize> = sampler.timesteps().to_vec();
+        let mut x = (latents * sampler.init_noise_sigma())?;
+        let n = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let c = cond(t)?;
+            let both = batch_conditioning(uncond, &c)?;
+            let x_in = Tensor::cat(&[&x, &x], 0)?;
+            let tt = Tensor::new(&[t as f32, t as f32], &self.device)?;
+            let eps = self.unet.forward(&x_in, &tt, &both)?;
+            let eu = eps.narrow(0, 0, 1)?;
+            let ec = eps.narrow(0, 1, 1)?;
+            let guided = (&eu + ((ec - &eu)? * s.guidance)?)?;
+            x = sampler.step(&guided, t, &x)?;
+            on_step(i + 1, n);
+        }
+        Ok(x)
+    }
+
+    /// Decode latents to images in [0, 1], `[B, 3, H, W]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = (latents / self.vae_config.scaling_factor)?;
+        let img = self.vae.decode(&z)?;
+        Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.to_dtype(DType::F32)?)
+    }
+
+    /// One image from a plain (or TI) prompt: the whole pipeline.
+    pub fn generate(
+        &self,
+        s: &SampleSettings,
+        prompt: &str,
+        extra: Option<&Tensor>,
+        seed: u64,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<image::RgbImage> {
+        let uncond = self.encode_prompt(&s.negative_prompt, None)?;
+        let c = Conditioning::Shared(self.encode_prompt(prompt, extra)?);
+        let latents = self.initial_latents(s, seed)?;
+        let out = self.denoise(s, latents, &uncond, &mut |_| Ok(c.clone()), on_step)?;
+        let img = self.decode(&out)?;
+        to_rgb_images(&img)?
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("no image decoded"))
+    }
+}
+
+/// Stack the unconditional and conditional branches into one batch-2 conditioning.
+pub fn batch_conditioning(uncond: &Tensor, cond: &Conditioning) -> Result<Conditioning> {
+    Ok(match cond {
+        Conditioning::Shared(c) => Conditioning::Shared(Tensor::cat(&[uncond, c], 0)?),
+        Conditioning::PerLayer(v) => Conditioning::PerLayer(
+            v.iter()
+                .map(|(k, val)| Ok((Tensor::cat(&[uncond, k], 0)?, Tensor::cat(&[uncond, val], 0)?)))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+    })
+}
+
+/// `[B, 3, H, W]` in [0, 1] to 8-bit images (`round(x * 255)`, as diffusers' `numpy_to_pil`).
+pub fn to_rgb_images(img: &Tensor) -> Result<Vec<image::RgbImage>> {
+    let (b, _, h, w) = img.dims4()?;
+    let px = (img.to_device(&Device::Cpu)?.permute((0, 2, 3, 1))? * 255.0)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let per = h * w * 3;
+    (0..b)
+        .map(|i| {
+            image::RgbImage::from_raw(w as u32, h as u32, px[i * per..(i + 1) * per].to_vec())
+                .ok_or_else(|| anyhow::anyhow!("image buffer size mismatch"))
+        })
+        .collect()
+}
+
+fn warn_truncated(prompt: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        let short: String = prompt.chars().take(60).collect();
+        eprintln!("warning: prompt \"{short}...\" is longer than CLIP's 77 tokens and was truncated (warned once)");
+    }
+}
