@@ -6,4 +6,5 @@
 pub mod cli;
 pub mod files;
 pub mod nn;
+pub mod personalize;
 pub mod rng;
