@@ -8,5 +8,6 @@ pub mod files;
 pub mod hub;
 pub mod pipeline;
 pub mod nn;
+pub mod personalize;
 pub mod rng;
 pub mod sd;
