@@ -25,8 +25,16 @@ pub fn load_dynamic(path: &Path) -> Result<DynamicImage> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    let reader = ImageReader::open(path)
-        .map_err(io_err(path))?
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    // zune-jpeg fills the missing part of a truncated JPEG with grey instead of failing, so a
+    // half-copied photo would train silently: check the marker structure first.
+    if let Some(reason) = jpeg_truncation(&bytes) {
+        return Err(DataError::BadImage {
+            path: path.to_path_buf(),
+            reason,
+        });
+    }
+    let reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(io_err(path))?;
     let mut decoder = reader.into_decoder().map_err(bad)?;
@@ -37,6 +45,70 @@ pub fn load_dynamic(path: &Path) -> Result<DynamicImage> {
     let mut img = DynamicImage::from_decoder(decoder).map_err(bad)?;
     img.apply_orientation(orientation);
     Ok(img)
+}
+
+/// For a JPEG (starts with SOI), why it is incomplete: the segment structure is walked from SOI
+/// through every scan's entropy-coded data to the EOI marker. `None` for complete JPEGs and for
+/// other formats (whose decoders report truncation themselves). Bytes after EOI are allowed
+/// (some cameras append data there).
+pub fn jpeg_truncation(b: &[u8]) -> Option<String> {
+    if b.len() < 2 || b[0] != 0xFF || b[1] != 0xD8 {
+        return None;
+    }
+    let truncated = |at: usize| {
+        Some(format!(
+            "the JPEG ends at byte {} before its end-of-image marker (file truncated, e.g. an interrupted copy or download)",
+            at
+        ))
+    };
+    let n = b.len();
+    let mut i = 2;
+    loop {
+        // Find the next marker: 0xFF (possibly repeated as fill) followed by its code.
+        while i < n && b[i] != 0xFF {
+            i += 1; // tolerate junk between segments, as decoders do
+        }
+        while i < n && b[i] == 0xFF {
+            i += 1;
+        }
+        if i >= n {
+            return truncated(n);
+        }
+        let marker = b[i];
+        i += 1;
+        match marker {
+            0xD9 => return None,                   // EOI
+            0x01 | 0xD0..=0xD7 | 0xD8 => continue, // markers without a length
+            _ => {
+                if i + 2 > n {
+                    return truncated(n);
+                }
+                let len = u16::from_be_bytes([b[i], b[i + 1]]) as usize;
+                i += len;
+                if i > n {
+                    return truncated(n);
+                }
+                if marker == 0xDA {
+                    // SOS: entropy-coded data runs to the next marker that is neither a stuffed
+                    // 0xFF00 nor a restart marker.
+                    loop {
+                        if i + 1 >= n {
+                            return truncated(n);
+                        }
+                        if b[i] == 0xFF {
+                            match b[i + 1] {
+                                0x00 | 0xD0..=0xD7 => i += 2,
+                                0xFF => i += 1,
+                                _ => break,
+                            }
+                        } else {
+                            i += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Decode an image as 8-bit RGB, EXIF orientation applied (grey, grey+alpha, RGBA, 16-bit and
