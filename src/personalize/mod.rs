@@ -14,3 +14,7 @@ pub use method::{Method, Schedule};
 pub use neti::{bypass, FourierEncoding, MapperConfig, MapperInfo, NetiMapper, UNET_LAYERS};
 pub use prompts::{PromptSampler, PromptTriple};
 pub use tokens::{ClipTokenizer, TokenError, Tokens};
+pub mod concept;
+pub mod optim;
+pub mod settings;
+pub mod trainer;
