@@ -7,3 +7,4 @@ pub mod cli;
 pub mod files;
 pub mod nn;
 pub mod rng;
+pub mod sd;
