@@ -29,7 +29,14 @@ fn check(name: &str, ours: &Tensor, want: &Tensor, atol: f32, rtol: f32) -> f32 
     let ours = ours.to_dtype(DType::F32).unwrap();
     let want = want.to_dtype(DType::F32).unwrap();
     let max = |t: &Tensor| -> f32 {
-        t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     };
     let err = max(&(&ours - &want).unwrap());
     let tol = atol + rtol * max(&want);
@@ -57,10 +64,18 @@ fn neti_encoding_and_anchor_init() {
     let enc = FourierEncoding::from_tensor(g["neti.w"].clone()).unwrap();
     // The mapper file stores the same frequencies.
     assert_eq!(f32s(&g["neti.w"]), f32s(&g["neti.mapper.encoder.w"]));
-    let gamma = enc.encode(&f32s(&g["neti.t"]), &f32s(&g["neti.l"])).unwrap();
+    let gamma = enc
+        .encode(&f32s(&g["neti.t"]), &f32s(&g["neti.l"]))
+        .unwrap();
     check("neti.gamma", &gamma, &g["neti.gamma"], 0.0, 1e-4);
     let anchors = enc.anchors(10, UNET_LAYERS.len()).unwrap();
-    check("neti.anchor_weight", &anchors, &g["neti.anchor_weight"], 0.0, 1e-4);
+    check(
+        "neti.anchor_weight",
+        &anchors,
+        &g["neti.anchor_weight"],
+        0.0,
+        1e-4,
+    );
 }
 
 #[test]
@@ -74,14 +89,27 @@ fn neti_mapper_matches_reference() {
     check("neti.out_trunc16", &tr, &g["neti.out_trunc16"], 0.0, 1e-4);
     // The split: word then bypass.
     let (word, byp) = NetiMapper::split(&out).unwrap();
-    check("neti.out[:, :32]", &word, &g["neti.out"].narrow(1, 0, 32).unwrap(), 0.0, 1e-4);
-    check("neti.out[:, 32:]", &byp, &g["neti.out"].narrow(1, 32, 32).unwrap(), 0.0, 1e-4);
+    check(
+        "neti.out[:, :32]",
+        &word,
+        &g["neti.out"].narrow(1, 0, 32).unwrap(),
+        0.0,
+        1e-4,
+    );
+    check(
+        "neti.out[:, 32:]",
+        &byp,
+        &g["neti.out"].narrow(1, 32, 32).unwrap(),
+        0.0,
+        1e-4,
+    );
 }
 
 #[test]
 fn neti_unet_layer_order_matches_golden_json() {
     let j = golden_json();
-    let want: Vec<String> = serde_json::from_value(j["unet.cross_attn_layers_in_forward_order"].clone()).unwrap();
+    let want: Vec<String> =
+        serde_json::from_value(j["unet.cross_attn_layers_in_forward_order"].clone()).unwrap();
     assert_eq!(want, UNET_LAYERS.to_vec());
 }
 
@@ -92,10 +120,28 @@ fn info_nce_matches_reference_loss_and_gradients() {
     let v = Var::from_tensor(&g["nce.v"]).unwrap();
     let a = Var::from_tensor(&g["nce.a"]).unwrap();
     let loss = info_nce(v.as_tensor(), a.as_tensor(), tau).unwrap();
-    check("nce.loss", &loss.reshape(1).unwrap(), &g["nce.loss"], 0.0, 1e-4);
+    check(
+        "nce.loss",
+        &loss.reshape(1).unwrap(),
+        &g["nce.loss"],
+        0.0,
+        1e-4,
+    );
     let grads = loss.backward().unwrap();
-    check("nce.grad_v", grads.get(&v).unwrap(), &g["nce.grad_v"], 0.0, 1e-3);
-    check("nce.grad_a", grads.get(&a).unwrap(), &g["nce.grad_a"], 0.0, 1e-3);
+    check(
+        "nce.grad_v",
+        grads.get(&v).unwrap(),
+        &g["nce.grad_v"],
+        0.0,
+        1e-3,
+    );
+    check(
+        "nce.grad_a",
+        grads.get(&a).unwrap(),
+        &g["nce.grad_a"],
+        0.0,
+        1e-3,
+    );
 }
 
 fn tokenizer() -> ClipTokenizer {
@@ -131,12 +177,16 @@ fn new_tokens_match_diffusers_add_tokens() {
     let j = golden_json();
     let mut tok = tokenizer();
     let new = j["te.new_tokens"].as_object().unwrap();
-    let mut names: Vec<(&String, u64)> = new.iter().map(|(k, v)| (k, v.as_u64().unwrap())).collect();
+    let mut names: Vec<(&String, u64)> =
+        new.iter().map(|(k, v)| (k, v.as_u64().unwrap())).collect();
     names.sort_by_key(|(_, id)| *id);
     let ids = tok
         .add_tokens(&names.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
         .unwrap();
-    assert_eq!(ids, names.iter().map(|(_, id)| *id as u32).collect::<Vec<_>>());
+    assert_eq!(
+        ids,
+        names.iter().map(|(_, id)| *id as u32).collect::<Vec<_>>()
+    );
     let e = tok.encode(j["te.inj_prompt"].as_str().unwrap()).unwrap();
     assert_eq!(e.ids, ids_of(&g["te.inj_ids"], 0), "te.inj_ids");
     let e = tok.encode(j["ti"]["prompt"].as_str().unwrap()).unwrap();

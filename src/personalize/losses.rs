@@ -66,7 +66,11 @@ pub fn info_nce(v: &Tensor, a: &Tensor, tau: f64) -> Result<Tensor> {
     let s_va = (v.matmul(&a.t()?)? / tau)?.flatten_all()?;
     // The off-diagonal entries of the row-major [Nv, Nv] matrix: the ordered pairs i != j.
     let off: Vec<u32> = (0..nv)
-        .flat_map(|i| (0..nv).filter(move |&j| j != i).map(move |j| (i * nv + j) as u32))
+        .flat_map(|i| {
+            (0..nv)
+                .filter(move |&j| j != i)
+                .map(move |j| (i * nv + j) as u32)
+        })
         .collect();
     let off = Tensor::new(off.as_slice(), v.device())?;
     let pos = s_vv.index_select(&off, 0)?;
@@ -115,7 +119,11 @@ impl Default for LossWeights {
 }
 
 /// `w_s L_sub + w_b L_bg + w_i L_joint + w_c * s(p) * L_nce` (SPEC.md §5), `schedule_weight` = s(p).
-pub fn total_loss(parts: &LossParts, weights: &LossWeights, schedule_weight: f64) -> Result<Tensor> {
+pub fn total_loss(
+    parts: &LossParts,
+    weights: &LossWeights,
+    schedule_weight: f64,
+) -> Result<Tensor> {
     let terms = [
         (parts.sub.affine(weights.w_s, 0.0))?,
         (parts.bg.affine(weights.w_b, 0.0))?,
@@ -191,7 +199,10 @@ mod tests {
         assert!((l - want).abs() < 1e-6, "{l} vs {want}");
         // Large logits (tau tiny) stay finite thanks to the log-sum-exp.
         let l = scalar(&info_nce(&v, &a, 1e-3).unwrap());
-        assert!(l.is_finite() && (l - (1.0 / 1e-3 - 2f64.ln())).abs() < 1e-2, "{l}");
+        assert!(
+            l.is_finite() && (l - (1.0 / 1e-3 - 2f64.ln())).abs() < 1e-2,
+            "{l}"
+        );
         assert!(info_nce(&a, &v, tau).is_err()); // one subject vector: no positive pair
     }
 

@@ -190,7 +190,10 @@ mod tests {
             assert_eq!(m.to_string(), s);
             assert_eq!(Method::from_str(s, false).unwrap(), m);
             assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{s}\""));
-            assert_eq!(serde_json::from_str::<Method>(&format!("\"{s}\"")).unwrap(), m);
+            assert_eq!(
+                serde_json::from_str::<Method>(&format!("\"{s}\"")).unwrap(),
+                m
+            );
             #[derive(Deserialize)]
             struct T {
                 method: Method,
@@ -212,12 +215,20 @@ mod tests {
         assert_eq!(Method::NetiPlus.base(), Method::Neti);
         // SPEC §3: 5e-3 x batch 2 = 1e-2; SPEC §4: 1e-3 x 2 x 4 = 8e-3.
         for m in [Method::Ti, Method::TiPlus] {
-            let lr = Method::scaled_lr(m.default_base_lr(), m.default_batch(), m.default_grad_accum());
+            let lr = Method::scaled_lr(
+                m.default_base_lr(),
+                m.default_batch(),
+                m.default_grad_accum(),
+            );
             assert!((lr - 1e-2).abs() < 1e-12);
             assert_eq!(m.default_steps(), 5000);
         }
         for m in [Method::Neti, Method::NetiPlus] {
-            let lr = Method::scaled_lr(m.default_base_lr(), m.default_batch(), m.default_grad_accum());
+            let lr = Method::scaled_lr(
+                m.default_base_lr(),
+                m.default_batch(),
+                m.default_grad_accum(),
+            );
             assert!((lr - 8e-3).abs() < 1e-12);
             assert_eq!(m.default_steps(), 1000);
         }
@@ -251,7 +262,10 @@ mod tests {
                 assert!((got - w).abs() < 1e-9, "{s}({p}) = {got}, want {w}");
             }
         }
-        assert_eq!(Schedule::Cosine.weight_at(250, 1000), Schedule::Cosine.weight(0.25));
+        assert_eq!(
+            Schedule::Cosine.weight_at(250, 1000),
+            Schedule::Cosine.weight(0.25)
+        );
         assert!((Schedule::Cosine.weight(0.25) - 0.1464466094).abs() < 1e-9);
         assert_eq!(Schedule::Linear.weight(2.0), 1.0);
     }

@@ -85,7 +85,11 @@ impl FourierEncoding {
     /// `[N, 2 num_w]` unit vectors.
     pub fn encode(&self, t: &[f32], l: &[f32]) -> Result<Tensor> {
         if t.len() != l.len() {
-            bail!("NeTI encoding: {} timesteps but {} layers", t.len(), l.len());
+            bail!(
+                "NeTI encoding: {} timesteps but {} layers",
+                t.len(),
+                l.len()
+            );
         }
         let n = t.len();
         let dev = self.w.device();
@@ -351,7 +355,9 @@ impl NetiMapper {
         }
         if let Some(rng) = dropout {
             let drawn = nested_dropout_keep(l, self.cfg.nested_dropout_prob, rng);
-            keep.iter_mut().zip(drawn).for_each(|(k, d)| *k = (*k).min(d));
+            keep.iter_mut()
+                .zip(drawn)
+                .for_each(|(k, d)| *k = (*k).min(d));
         }
         let h = if keep.iter().all(|&k| k == HIDDEN) {
             h
@@ -466,7 +472,10 @@ impl NetiMapper {
     }
 }
 
-fn take_encoder(tensors: &mut HashMap<String, Tensor>, path: &Path) -> anyhow::Result<FourierEncoding> {
+fn take_encoder(
+    tensors: &mut HashMap<String, Tensor>,
+    path: &Path,
+) -> anyhow::Result<FourierEncoding> {
     let w = tensors
         .remove("encoder.w")
         .ok_or_else(|| anyhow!("{} has no encoder.w (the NeTI frequencies)", path.display()))?;
@@ -572,14 +581,18 @@ pub fn bypass(e_pre_ln: &Tensor, pos: &[usize], b: &Tensor, alpha: f64) -> Resul
     for (row, &p) in pos.iter().enumerate() {
         onehot[row * s + p] = 1.0;
     }
-    let onehot = Tensor::from_vec(onehot, (bs, s, 1), e_pre_ln.device())?.to_dtype(e_pre_ln.dtype())?;
+    let onehot =
+        Tensor::from_vec(onehot, (bs, s, 1), e_pre_ln.device())?.to_dtype(e_pre_ln.dtype())?;
     // 1. e = E[b, p] (a masked sum: exact, and its gradient flows back to E).
     let e = e_pre_ln.broadcast_mul(&onehot)?.sum(1)?;
     // 2. alpha * b / |b| * |e|.
     let e_norm = e.sqr()?.sum_keepdim(1)?.sqrt()?;
     let b = b.to_dtype(e_pre_ln.dtype())?;
     let b_norm = b.sqr()?.sum_keepdim(1)?.sqrt()?;
-    let delta = b.broadcast_div(&b_norm)?.broadcast_mul(&e_norm)?.affine(alpha, 0.0)?;
+    let delta = b
+        .broadcast_div(&b_norm)?
+        .broadcast_mul(&e_norm)?
+        .affine(alpha, 0.0)?;
     // 3. Added at the placeholder only.
     e_pre_ln.broadcast_add(&onehot.broadcast_mul(&delta.unsqueeze(1)?)?)
 }
@@ -648,7 +661,10 @@ mod tests {
             .iter()
             .map(|(_, s)| s.iter().product::<usize>())
             .sum();
-        assert_eq!(n, 2048 * 160 + 160 + 160 * 128 + 128 + 4 * 128 + 128 * 128 + 128 + 128 * 1536 + 1536);
+        assert_eq!(
+            n,
+            2048 * 160 + 160 + 160 * 128 + 128 + 4 * 128 + 128 * 128 + 128 + 128 * 1536 + 1536
+        );
         assert!((n as f64 - 564e3).abs() < 2e3, "{n}");
         // A second mapper under its own prefix, a clash refused.
         NetiMapper::init(&vm1, "a0", &cfg, &mut Rng::new(8), &dev).unwrap();
@@ -665,10 +681,21 @@ mod tests {
         let l = [0.0, 5.0, 15.0, 7.0];
         let out = m.forward(&t, &l, None, None).unwrap();
         assert_eq!(out.dims(), &[4, 16]);
-        let norms: Vec<f32> = out.sqr().unwrap().sum(1).unwrap().sqrt().unwrap().to_vec1().unwrap();
+        let norms: Vec<f32> = out
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(norms.iter().all(|n| (n - 0.5).abs() < 1e-5), "{norms:?}");
         let (word, byp) = NetiMapper::split(&out).unwrap();
-        assert_eq!((word.dims(), byp.dims()), (&[4usize, 8][..], &[4usize, 8][..]));
+        assert_eq!(
+            (word.dims(), byp.dims()),
+            (&[4usize, 8][..], &[4usize, 8][..])
+        );
         assert_eq!(max_abs(&Tensor::cat(&[&word, &byp], 1).unwrap(), &out), 0.0);
         // Truncation at 128 changes nothing; at 16 it matches a hand-masked hidden state.
         let full = m.forward(&t, &l, Some(HIDDEN), None).unwrap();
@@ -676,7 +703,10 @@ mod tests {
         let tr = m.forward(&t, &l, Some(16), None).unwrap();
         let h = m.hidden(&t, &l).unwrap();
         let hm = Tensor::cat(
-            &[h.narrow(1, 0, 16).unwrap(), h.narrow(1, 16, HIDDEN - 16).unwrap().zeros_like().unwrap()],
+            &[
+                h.narrow(1, 0, 16).unwrap(),
+                h.narrow(1, 16, HIDDEN - 16).unwrap().zeros_like().unwrap(),
+            ],
             1,
         )
         .unwrap();
@@ -689,10 +719,15 @@ mod tests {
         let keep = nested_dropout_keep(&ll, 1.0, &mut rng);
         assert!(keep.iter().all(|&k| k < HIDDEN));
         assert!(keep.windows(2).any(|w| w[0] != w[1]));
-        assert!(nested_dropout_keep(&ll, 0.0, &mut rng).iter().all(|&k| k == HIDDEN));
+        assert!(nested_dropout_keep(&ll, 0.0, &mut rng)
+            .iter()
+            .all(|&k| k == HIDDEN));
         // prob 0.5 over many layers: about half the groups are dropped.
         let ll: Vec<f32> = (0..2000).map(|x| x as f32).collect();
-        let dropped = nested_dropout_keep(&ll, 0.5, &mut rng).iter().filter(|&&k| k < HIDDEN).count();
+        let dropped = nested_dropout_keep(&ll, 0.5, &mut rng)
+            .iter()
+            .filter(|&&k| k < HIDDEN)
+            .count();
         assert!((900..1100).contains(&dropped), "{dropped}");
         // The same rng state gives the same dropped output.
         let a = m.forward(&t, &l, None, Some(&mut Rng::new(11))).unwrap();
@@ -713,7 +748,9 @@ mod tests {
         let grads = (out * r).unwrap().sum_all().unwrap().backward().unwrap();
         let data = vm.data().lock().unwrap();
         for (name, var) in data.iter() {
-            let g = grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
             let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
             assert!(s > 0.0 && s.is_finite(), "{name}: |grad| = {s}");
         }
@@ -742,11 +779,17 @@ mod tests {
         }
         let (t, l) = ([10.0, 900.0], [1.0, 14.0]);
         let a = m.forward(&t, &l, Some(32), None).unwrap();
-        assert_eq!(max_abs(&a, &back.forward(&t, &l, Some(32), None).unwrap()), 0.0);
+        assert_eq!(
+            max_abs(&a, &back.forward(&t, &l, Some(32), None).unwrap()),
+            0.0
+        );
         let vm = VarMap::new();
         let (tr, _) = NetiMapper::load_trainable(&path, &vm, "a1", &dev).unwrap();
         assert_eq!(vm.all_vars().len(), 12);
-        assert_eq!(max_abs(&a, &tr.forward(&t, &l, Some(32), None).unwrap()), 0.0);
+        assert_eq!(
+            max_abs(&a, &tr.forward(&t, &l, Some(32), None).unwrap()),
+            0.0
+        );
         let meta = crate::files::read_safetensors_metadata(&path).unwrap();
         assert_eq!(meta["alpha"], "0.2");
         assert_eq!(meta["sigma_t"], "0.03");
@@ -780,7 +823,9 @@ mod tests {
         assert_eq!(ge[2], vec![1.0, 1.0]);
         // d/de of sum(0.2 * bhat * |e|) = 0.2 * sum(bhat) * e/|e| added to 1.
         let s = 0.2 * (1.0 + 2.0) / 5f32.sqrt();
-        assert!((ge[1][0] - (1.0 + s * 0.6)).abs() < 1e-5 && (ge[1][1] - (1.0 + s * 0.8)).abs() < 1e-5);
+        assert!(
+            (ge[1][0] - (1.0 + s * 0.6)).abs() < 1e-5 && (ge[1][1] - (1.0 + s * 0.8)).abs() < 1e-5
+        );
         assert!(g.get(&bv).is_some());
         assert!(bypass(&e, &[3], &b, 0.2).is_err());
     }

@@ -217,7 +217,9 @@ mod tests {
     #[test]
     fn sampler_is_seeded_and_covers_the_pools() {
         let s = PromptSampler::new("<v*>", "dog");
-        let a: Vec<_> = (0..5).map(|_| s.triple(&mut Rng::new(3), "<a1*>")).collect();
+        let a: Vec<_> = (0..5)
+            .map(|_| s.triple(&mut Rng::new(3), "<a1*>"))
+            .collect();
         assert!(a.windows(2).all(|w| w[0] == w[1]));
         let mut rng = Rng::new(4);
         let mut seen = HashSet::new();

@@ -14,7 +14,9 @@ pub enum TokenError {
     Load { path: String, msg: String },
     #[error("the tokenizer has no {0} token: it is not CLIP's BPE tokenizer")]
     MissingSpecial(&'static str),
-    #[error("the token {0:?} is already in the tokenizer's vocabulary: pick another placeholder name")]
+    #[error(
+        "the token {0:?} is already in the tokenizer's vocabulary: pick another placeholder name"
+    )]
     AlreadyInVocab(String),
     #[error("the initializer word {word:?} is {} tokens ({}): a new token's row is copied from exactly one token; pass a one-token word with --init-word (e.g. --init-word object)", pieces.len(), pieces.join(" "))]
     NotSingleToken { word: String, pieces: Vec<String> },
@@ -187,7 +189,8 @@ mod tests {
     use super::*;
 
     fn tok() -> ClipTokenizer {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd/tokenizer/tokenizer.json");
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-sd/tokenizer/tokenizer.json");
         ClipTokenizer::from_file(&p).unwrap()
     }
 
@@ -199,10 +202,19 @@ mod tests {
         assert_eq!(ids, vec![49408, 49409, 49410]);
         assert_eq!(t.vocab_size(), 49411);
         let e = t.encode("a <v*> <v*>_1 on the <a0*>, <V*>").unwrap();
-        assert_eq!(&e.ids[..9], &[49406, 320, 49408, 49409, 525, 518, 49410, 267, 49408]);
+        assert_eq!(
+            &e.ids[..9],
+            &[49406, 320, 49408, 49409, 525, 518, 49410, 267, 49408]
+        );
         assert_eq!(e.positions(49408), vec![2, 8]);
-        assert!(matches!(t.add_tokens(&["<v*>"]), Err(TokenError::AlreadyInVocab(_))));
-        assert!(matches!(t.add_tokens(&["dog</w>"]), Err(TokenError::AlreadyInVocab(_))));
+        assert!(matches!(
+            t.add_tokens(&["<v*>"]),
+            Err(TokenError::AlreadyInVocab(_))
+        ));
+        assert!(matches!(
+            t.add_tokens(&["dog</w>"]),
+            Err(TokenError::AlreadyInVocab(_))
+        ));
     }
 
     #[test]
@@ -230,11 +242,17 @@ mod tests {
     fn initializer_words() {
         let t = tok();
         assert!(t.single_token_id("dog").is_ok());
-        assert_eq!(t.single_token_id("object").unwrap(), t.text_ids("object").unwrap()[0]);
+        assert_eq!(
+            t.single_token_id("object").unwrap(),
+            t.text_ids("object").unwrap()[0]
+        );
         let err = t.single_token_id("backpackish thing").unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, TokenError::NotSingleToken { .. }));
-        assert!(msg.contains("backpackish thing") && msg.contains("--init-word"), "{msg}");
+        assert!(
+            msg.contains("backpackish thing") && msg.contains("--init-word"),
+            "{msg}"
+        );
         assert_eq!(t.default_init_word("dog"), "dog");
         assert_eq!(t.default_init_word("teddy bear"), "object");
     }
