@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 pub mod sample;
+pub mod train;
 
 /// The flags every verb takes (SPEC.md §0).
 #[derive(Args, Debug, Clone, Default)]
@@ -88,11 +89,14 @@ pub struct Cli {
 pub enum Verb {
     /// Generate images from a prompt (optionally with a learned subject).
     Sample(sample::SampleArgs),
+    /// Learn a subject token (ti, ti+, neti, neti+).
+    Train(train::TrainArgs),
 }
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.verb {
         Verb::Sample(a) => sample::run(&a),
+        Verb::Train(a) => train::run(&a),
     }
 }

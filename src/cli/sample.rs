@@ -90,18 +90,31 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         negative_prompt: args.negative_prompt.clone(),
     };
     let seed = args.common.seed.unwrap_or(0);
-    let mut subject: Option<()> = None;
-    if args.run.is_some() || args.truncation.is_some() || args.attractor.is_some() {
-        anyhow::bail!("--run/--truncation/--attractor: learned subjects land with `attractor train`");
-    }
+    let subject = match &args.run {
+        Some(run) => Some(crate::personalize::generate::LearnedSubject::open(run, &sd)?),
+        None => {
+            if args.truncation.is_some() || args.attractor.is_some() {
+                anyhow::bail!("--truncation and --attractor need --run RUN_DIR (a trained subject)");
+            }
+            None
+        }
+    };
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut written = Vec::new();
     for i in 0..args.num_images {
         let s = seed + i as u64;
         let pb = progress(settings.steps as u64, &format!("image {}/{}", i + 1, args.num_images));
         let mut on_step = |k: usize, _n: usize| pb.set_position(k as u64);
-        let img = match subject.as_mut() {
-            Some(_) => unreachable!(),
+        let img = match &subject {
+            Some(subj) => subj.generate(
+                &sd,
+                &settings,
+                &args.prompt,
+                args.attractor,
+                args.truncation,
+                s,
+                &mut on_step,
+            )?,
             None => sd.generate(&settings, &args.prompt, None, s, &mut on_step)?,
         };
         pb.finish_and_clear();

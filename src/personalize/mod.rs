@@ -18,3 +18,4 @@ pub mod concept;
 pub mod optim;
 pub mod settings;
 pub mod trainer;
+pub mod generate;

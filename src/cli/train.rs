@@ -1,0 +1,318 @@
+//! `attractor train`: learn a subject with ti, ti+, neti or neti+ (SPEC.md §3-5), with
+//! checkpoints that resume exactly.
+
+use super::sample::{load_model, progress};
+use super::Common;
+use crate::data::layout::Dataset;
+use crate::personalize::generate::LearnedSubject;
+use crate::personalize::method::{Method, Schedule};
+use crate::personalize::settings::TrainSettings;
+use crate::personalize::trainer::{RunInfo, Trainer};
+use crate::pipeline::SampleSettings;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// ti | ti+ | neti | neti+ (default ti, or the --config preset's).
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    /// Optimizer steps in total (default: ti 5000, neti 1000). With --resume: continue up to this.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Save a checkpoint every N steps (default 500).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Continue the run in this folder from its last checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Images per micro-batch (default 2).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Micro-batches per optimizer step (default: ti 1, neti 4).
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Base learning rate, scaled by batch x grad-accum unless --no-scale-lr.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Use --lr as given.
+    #[arg(long)]
+    pub no_scale_lr: bool,
+    /// Training resolution in pixels (default 512).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// Textual Inversion vectors for the subject (default 1).
+    #[arg(long)]
+    pub num_vectors: Option<usize>,
+    /// Initializer (TI) / super-category (NeTI) word: one token.
+    #[arg(long)]
+    pub init_word: Option<String>,
+    /// Contrastive-weight schedule (attractor methods; default cosine).
+    #[arg(long, value_enum)]
+    pub schedule: Option<Schedule>,
+    /// Weight w_c of the contrastive loss (default 0.1).
+    #[arg(long)]
+    pub contrastive_weight: Option<f64>,
+    /// InfoNCE temperature (default 0.07).
+    #[arg(long)]
+    pub tau: Option<f64>,
+    /// Write validation images every N steps (0 = off).
+    #[arg(long)]
+    pub validate_every: Option<usize>,
+}
+
+/// Flags over TOML over defaults: the settings this command runs with.
+pub fn resolve_settings(args: &TrainArgs) -> Result<TrainSettings> {
+    let mut s = match &args.common.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("--config {}: cannot read it", p.display()))?;
+            toml::from_str::<TrainSettings>(&text).with_context(|| {
+                format!("--config {}: not a valid training preset (see configs/*.toml for the keys)", p.display())
+            })?
+        }
+        None => TrainSettings::default(),
+    };
+    if let Some(m) = args.method {
+        s.method = m;
+    }
+    if args.steps.is_some() {
+        s.steps = args.steps;
+    }
+    if let Some(v) = args.save_every {
+        s.save_every = v;
+    }
+    if args.batch.is_some() {
+        s.batch = args.batch;
+    }
+    if args.grad_accum.is_some() {
+        s.grad_accum = args.grad_accum;
+    }
+    if args.lr.is_some() {
+        s.base_lr = args.lr;
+    }
+    if args.no_scale_lr {
+        s.scale_lr = false;
+    }
+    if let Some(v) = args.resolution {
+        s.resolution = v;
+    }
+    if let Some(v) = args.num_vectors {
+        s.num_vectors = v;
+    }
+    if args.init_word.is_some() {
+        s.init_word = args.init_word.clone();
+    }
+    if let Some(v) = args.schedule {
+        s.schedule = v;
+    }
+    if let Some(v) = args.contrastive_weight {
+        s.weights.w_c = v;
+    }
+    if let Some(v) = args.tau {
+        s.tau = v;
+    }
+    if let Some(v) = args.validate_every {
+        s.validate_every = v;
+    }
+    if let Some(v) = args.common.seed {
+        s.seed = v;
+    }
+    Ok(s)
+}
+
+/// The newest `checkpoints/step-N.safetensors` of a run.
+pub fn latest_checkpoint(run: &Path) -> Result<Option<(usize, PathBuf)>> {
+    let dir = run.join("checkpoints");
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let mut best: Option<(usize, PathBuf)> = None;
+    for e in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let p = e?.path();
+        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|r| r.strip_suffix(".safetensors"))
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            if best.as_ref().is_none_or(|(b, _)| n > *b) {
+                best = Some((n, p));
+            }
+        }
+    }
+    Ok(best)
+}
+
+/// Keep only the metrics lines up to `step` (a resumed run redoes the steps after its checkpoint).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    if !path.is_file() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path)?;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    crate::files::atomic_write(path, out.as_bytes())
+}
+
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let (out, settings, prior) = match &args.resume {
+        Some(run) => {
+            let cfg = run.join("config.json");
+            let text = std::fs::read_to_string(&cfg).with_context(|| {
+                format!("--resume {}: {} not found; pass a folder written by `attractor train --out`", run.display(), cfg.display())
+            })?;
+            let info: RunInfo = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a training run's config", cfg.display()))?;
+            let mut s = info.settings.s.clone();
+            if args.steps.is_some() {
+                s.steps = args.steps;
+            }
+            if let Some(v) = args.save_every {
+                s.save_every = v;
+            }
+            (run.clone(), s, Some(info))
+        }
+        None => {
+            let s = resolve_settings(args)?;
+            let subject = args
+                .common
+                .subject
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("--subject is required (a folder of the dataset, e.g. --subject dog)"))?;
+            let out = args
+                .common
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("runs/{subject}-{}", s.method.name().replace('+', "plus"))));
+            if out.join("config.json").is_file() {
+                bail!(
+                    "{} already holds a training run. Fix: continue it with `attractor train --resume {}`, or choose another --out",
+                    out.display(),
+                    out.display()
+                );
+            }
+            (out, s, None)
+        }
+    };
+    let resolved = settings.resolve()?;
+    let dataset = match (&prior, &args.common.data) {
+        (Some(info), _) => Dataset::open(&info.dataset)?,
+        (None, Some(d)) => Dataset::open(d)?,
+        (None, None) => Dataset::open_default()?,
+    };
+    let subject_name = match &prior {
+        Some(info) => info.subject.clone(),
+        None => args.common.subject.clone().unwrap_or_default(),
+    };
+    let subject = dataset.subject(&subject_name)?;
+    let mut common = args.common.clone();
+    if let Some(info) = &prior {
+        if common.model.is_none() {
+            common.model = Some(info.model.trim_end_matches("@main").to_string());
+        }
+    }
+    let sd = load_model(&common)?;
+    let mut trainer = Trainer::new(&sd, resolved.clone(), &subject, &dataset.dir)?;
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let metrics = out.join("metrics.jsonl");
+    if prior.is_some() {
+        match latest_checkpoint(&out)? {
+            Some((n, p)) => {
+                trainer.load_checkpoint(&p)?;
+                truncate_metrics(&metrics, n)?;
+                eprintln!("resumed {} at step {n} of {}", out.display(), resolved.steps);
+            }
+            None => bail!("--resume {}: no checkpoints/step-N.safetensors to resume from", out.display()),
+        }
+    }
+    let cfg_json = serde_json::to_string_pretty(&trainer.info)?;
+    crate::files::atomic_write(&out.join("config.json"), cfg_json.as_bytes())?;
+    crate::files::atomic_write(&out.join("config.toml"), toml::to_string(&resolved.s)?.as_bytes())?;
+    eprintln!(
+        "training {} on {} ({} images) with {} from {}: {} steps, batch {} x accum {}, lr {:.3e} (base {:.1e}{})",
+        resolved.s.method,
+        subject.name,
+        subject.train_images.len(),
+        resolved.s.method,
+        sd.id,
+        resolved.steps,
+        resolved.batch,
+        resolved.grad_accum,
+        resolved.lr,
+        resolved.base_lr,
+        if resolved.s.scale_lr { " x batch x accum" } else { "" }
+    );
+    eprintln!("effective configuration: {}", out.join("config.toml").display());
+    let pb = progress(resolved.steps as u64, "train");
+    pb.set_position(trainer.step as u64);
+    let ckpt_dir = out.join("checkpoints");
+    while trainer.step < resolved.steps {
+        let log = match trainer.train_step() {
+            Ok(l) => l,
+            Err(e) => {
+                pb.abandon();
+                let last = latest_checkpoint(&out)?
+                    .map(|(n, _)| format!("the last checkpoint (step {n}) in {} is kept", ckpt_dir.display()))
+                    .unwrap_or_else(|| "no checkpoint was written yet".into());
+                return Err(e.context(format!("training stopped at step {}; {last}", trainer.step + 1)));
+            }
+        };
+        crate::files::append_line(&metrics, &serde_json::to_string(&log)?)?;
+        pb.set_position(log.step as u64);
+        pb.set_message(format!("train loss {:.4}", log.loss));
+        let s = trainer.step;
+        let every = resolved.s.save_every;
+        if every > 0 && s % every == 0 && s < resolved.steps {
+            trainer.save_checkpoint(&ckpt_dir.join(format!("step-{s}.safetensors")))?;
+            trainer.save_outputs(&out, &format!("-steps-{s}"))?;
+        }
+        if resolved.s.validate_every > 0 && s % resolved.s.validate_every == 0 {
+            validate(&trainer, &out, s)?;
+        }
+    }
+    pb.finish_and_clear();
+    let s = trainer.step;
+    trainer.save_checkpoint(&ckpt_dir.join(format!("step-{s}.safetensors")))?;
+    let written = trainer.save_outputs(&out, "")?;
+    for w in written {
+        eprintln!("wrote {}", w.display());
+    }
+    eprintln!(
+        "done: sample it with `attractor sample --run {} --prompt \"a photo of {{}} on a beach\"{}`",
+        out.display(),
+        args.common.model.as_ref().map(|m| format!(" --model {m}")).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Validation images with fixed seeds (0, 1) at `validation_steps` DDIM steps.
+fn validate(trainer: &Trainer, out: &Path, step: usize) -> Result<()> {
+    let subj = LearnedSubject::from_trainer(trainer);
+    let s = &trainer.info.settings.s;
+    let settings = SampleSettings {
+        steps: s.validation_steps,
+        height: s.resolution,
+        width: s.resolution,
+        ..SampleSettings::default()
+    };
+    for seed in 0..2u64 {
+        let img = subj.generate(trainer.sd, &settings, &s.validation_prompt, None, None, seed, &mut |_, _| {})?;
+        crate::files::save_png(&img, &out.join(format!("validation/step-{step}-seed-{seed}.png")))?;
+    }
+    Ok(())
+}
