@@ -8,6 +8,7 @@ use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+pub mod fetch;
 pub mod sample;
 pub mod train;
 
@@ -91,6 +92,8 @@ pub enum Verb {
     Sample(sample::SampleArgs),
     /// Learn a subject token (ti, ti+, neti, neti+).
     Train(train::TrainArgs),
+    /// Find (and download unless --offline) the SD 1.5 weights --model names.
+    Fetch(fetch::FetchArgs),
 }
 
 /// Run the parsed command line.
@@ -98,5 +101,6 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.verb {
         Verb::Sample(a) => sample::run(&a),
         Verb::Train(a) => train::run(&a),
+        Verb::Fetch(a) => fetch::run(&a),
     }
 }
