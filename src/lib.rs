@@ -4,6 +4,8 @@
 //! `sd` and `nn` do no I/O and know nothing of the command line.
 
 pub mod cli;
+pub mod eval;
 pub mod files;
+pub mod hub;
 pub mod nn;
 pub mod rng;
