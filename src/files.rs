@@ -39,18 +39,20 @@ pub fn save_safetensors(
 ) -> Result<()> {
     let views: Vec<(String, candle_core::Tensor)> = tensors
         .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
+        .map(|(k, t)| {
+            Ok((
+                k.clone(),
+                t.to_device(&candle_core::Device::Cpu)?.contiguous()?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let meta = if metadata.is_empty() {
         None
     } else {
         Some(metadata.clone())
     };
-    let bytes = safetensors::tensor::serialize(
-        views.iter().map(|(k, t)| (k.as_str(), t)),
-        meta,
-    )
-    .with_context(|| format!("cannot serialize tensors for {}", path.display()))?;
+    let bytes = safetensors::tensor::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), meta)
+        .with_context(|| format!("cannot serialize tensors for {}", path.display()))?;
     atomic_write(path, &bytes)
 }
 

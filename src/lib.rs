@@ -4,6 +4,7 @@
 //! `sd` and `nn` do no I/O and know nothing of the command line.
 
 pub mod cli;
+pub mod data;
 pub mod eval;
 pub mod files;
 pub mod hub;

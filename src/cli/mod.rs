@@ -72,7 +72,11 @@ pub fn parse_device(s: &str) -> Result<Device> {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "attractor", version, about = "Personalized text-to-image generation on Stable Diffusion 1.5: Textual Inversion, NeTI and the attractor, with honest split-test evaluation")]
+#[command(
+    name = "attractor",
+    version,
+    about = "Personalized text-to-image generation on Stable Diffusion 1.5: Textual Inversion, NeTI and the attractor, with honest split-test evaluation"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub verb: Verb,

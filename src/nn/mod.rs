@@ -38,10 +38,11 @@ impl Module for Linear {
         let x = x.contiguous()?;
         let w = self.weight.t()?;
         let y = match x.dims() {
-            [b1, b2, m, k] => x
-                .reshape((b1 * b2 * m, *k))?
-                .matmul(&w)?
-                .reshape((*b1, *b2, *m, ()))?,
+            [b1, b2, m, k] => {
+                x.reshape((b1 * b2 * m, *k))?
+                    .matmul(&w)?
+                    .reshape((*b1, *b2, *m, ()))?
+            }
             [b, m, k] => x.reshape((b * m, *k))?.matmul(&w)?.reshape((*b, *m, ()))?,
             _ => x.matmul(&w)?,
         };
@@ -200,7 +201,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
 /// Split `[b, n, heads * d]` into `[b, heads, n, d]`.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
-    x.reshape((b, n, heads, c / heads))?.transpose(1, 2)?.contiguous()
+    x.reshape((b, n, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// Merge `[b, heads, n, d]` back into `[b, n, heads * d]`.
