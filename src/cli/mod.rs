@@ -8,6 +8,8 @@ use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+pub mod eval;
+
 /// The flags every verb takes (SPEC.md §0).
 #[derive(Args, Debug, Clone, Default)]
 pub struct Common {
@@ -83,9 +85,14 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Verb {}
+pub enum Verb {
+    /// Score generations: split-test (default) or classic protocol, CLIP-T, CLIP-I, DINO.
+    Eval(eval::EvalArgs),
+}
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.verb {}
+    match cli.verb {
+        Verb::Eval(args) => eval::run(&args),
+    }
 }

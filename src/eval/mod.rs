@@ -11,6 +11,12 @@
 pub mod clip;
 pub mod dino;
 pub mod preprocess;
+pub mod protocol;
+pub mod store;
+pub mod summary;
+
+pub use protocol::{run_protocol, EvalSettings, Generator};
+pub use summary::Summary;
 
 use crate::hub::ModelSource;
 use anyhow::{Context, Result};
@@ -41,7 +47,8 @@ pub struct Scorers {
     /// What was loaded, as recorded in `eval-config.json`.
     pub clip_source: ModelSource,
     pub dino_source: ModelSource,
-    /// Images per forward pass.
+    /// Images per forward pass (default 1: a feature then never depends on which images shared
+    /// its batch, so shards and resumed runs write bit-identical lines).
     pub batch: usize,
     text_cache: HashMap<String, Vec<f32>>,
 }
@@ -60,7 +67,7 @@ impl Scorers {
             dino: dino::DinoScorer::load(dino, device, offline)?,
             clip_source: clip.clone(),
             dino_source: dino.clone(),
-            batch: 8,
+            batch: 1,
             text_cache: HashMap::new(),
         })
     }
