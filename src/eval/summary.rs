@@ -111,7 +111,10 @@ pub struct Summary {
 }
 
 fn split_summary(records: &[Record], split: Split) -> Option<SplitSummary> {
-    let mine: Vec<&Record> = records.iter().filter(|r| r.split == split).collect();
+    // Sorted by key: sums (and so the summary's last digits) do not depend on the order in
+    // which shards or resumed runs wrote the lines.
+    let mut mine: Vec<&Record> = records.iter().filter(|r| r.split == split).collect();
+    mine.sort_by(|a, b| a.key.cmp(&b.key));
     if mine.is_empty() {
         return None;
     }
