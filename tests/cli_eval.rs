@@ -1,28 +1,29 @@
-//! `attractor eval` through the binary: `--images` scoring on the tiny scorers (exit codes,
-//! files, resume), `merge`, and the readable errors of the modes that need more.
+//! `attractor eval` as the command line drives it (parsed by clap, run by `cli::run`, the same
+//! path as the binary, whose `main` turns an `Err` into exit code 1): `--images` scoring on the
+//! tiny scorers (files, resume), `merge`, and the readable errors of the modes that need more.
+//! In-process rather than through the executable: the build folder is shared, so
+//! `target/debug/attractor` may belong to another checkout while the tests run.
 
 mod common;
 
+use attractor::cli::{run, Cli};
 use attractor::eval::protocol::save_png;
+use clap::Parser;
 use common::*;
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn attractor(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_attractor"))
-        .args(args)
-        .current_dir(cwd)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+/// Run `attractor ARGS...`; an argument `@name` is the path `cwd/name`. `Err` holds the message
+/// that `main` would print.
+fn attractor(args: &[&str], cwd: &Path) -> Result<(), String> {
+    let mut argv = vec!["attractor".to_string()];
+    for a in args {
+        argv.push(match a.strip_prefix('@') {
+            Some(rel) => cwd.join(rel).display().to_string(),
+            None => a.to_string(),
+        });
+    }
+    let cli = Cli::try_parse_from(&argv).map_err(|e| e.to_string())?;
+    run(cli).map_err(|e| format!("{e:#}"))
 }
 
 /// Write `DIR/<subject>/<stem|classic>/<index>/<sample>.png` for the test dataset.
@@ -40,7 +41,11 @@ fn make_images(dir: &Path, samples: usize, skip: Option<&str>) {
                 if Some(rel.as_str()) == skip {
                     continue;
                 }
-                save_png(&dir.join(&rel), &picture((k * 100 + ci * 10 + s) as u64, 64, 64)).unwrap();
+                save_png(
+                    &dir.join(&rel),
+                    &picture((k * 100 + ci * 10 + s) as u64, 64, 64),
+                )
+                .unwrap();
             }
         }
     }
@@ -58,11 +63,11 @@ fn images_mode_scores_resumes_and_fails_on_missing() {
         vec![
             "eval".to_string(),
             "--images".into(),
-            "imgs".into(),
+            "@imgs".into(),
             "--data".into(),
-            "data".into(),
+            "@data".into(),
             "--out".into(),
-            out.into(),
+            format!("@{out}"),
             "--split".into(),
             "both".into(),
             "--samples".into(),
@@ -79,34 +84,35 @@ fn images_mode_scores_resumes_and_fails_on_missing() {
         attractor(&refs, t)
     };
     // One image missing: the rest is scored, the summary written, the exit code non-zero.
-    let o = run("out");
-    assert!(!o.status.success());
-    let msg = text(&o);
-    assert!(msg.contains("candle/07/1/1.png"), "{msg}");
+    let msg = run("out").unwrap_err();
     assert!(msg.contains("1 expected image(s) missing"), "{msg}");
-    assert!(msg.contains("overestimates"), "--split both prints the difference: {msg}");
+    assert!(msg.contains("imgs"), "{msg}");
+    let summary = std::fs::read_to_string(t.join("out/summary.json")).unwrap();
+    assert!(
+        summary.contains("classic_minus_test"),
+        "--split both reports the difference"
+    );
     let lines = std::fs::read_to_string(t.join("out/results.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 15);
     assert!(t.join("out/summary.csv").is_file());
     // The missing image appears; the rerun scores only it.
     save_png(&t.join("imgs/candle/07/1/1.png"), &picture(7, 64, 64)).unwrap();
-    let o = run("out");
-    assert!(o.status.success(), "{}", text(&o));
+    run("out").unwrap();
     let after = std::fs::read_to_string(t.join("out/results.jsonl")).unwrap();
     assert_eq!(after.lines().count(), 16);
-    assert!(after.starts_with(&lines), "earlier lines are kept as they were");
+    assert!(
+        after.starts_with(&lines),
+        "earlier lines are kept as they were"
+    );
 
     // Two shards through the CLI, merged.
     for i in 1..=2 {
         let mut a = args(&format!("s{i}"));
         a.extend(["--shard".to_string(), format!("{i}/2")]);
         let refs: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
-        let o = attractor(&refs, t);
-        assert!(o.status.success(), "{}", text(&o));
+        attractor(&refs, t).unwrap();
     }
-    let o = attractor(&["eval", "merge", "s1", "s2", "--out", "merged"], t);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("16 images"), "{}", text(&o));
+    attractor(&["eval", "merge", "@s1", "@s2", "--out", "@merged"], t).unwrap();
     assert_eq!(
         sorted_lines(&t.join("merged/results.jsonl")),
         sorted_lines(&t.join("out/results.jsonl"))
@@ -118,29 +124,34 @@ fn readable_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     make_dataset(&t.join("data"));
-    let o = attractor(&["eval", "--run", "some-run", "--data", "data"], t);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("not wired yet"), "{}", text(&o));
+    let msg = attractor(&["eval", "--run", "@some-run", "--data", "@data"], t).unwrap_err();
+    assert!(msg.contains("not wired yet"), "{msg}");
 
-    let o = attractor(&["eval", "--images", "imgs", "--data", "data"], t);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("--out"), "{}", text(&o));
+    let msg = attractor(&["eval", "--images", "@imgs", "--data", "@data"], t).unwrap_err();
+    assert!(msg.contains("--out"), "{msg}");
 
-    let o = attractor(&["eval", "--data", "data"], t);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("--images DIR"), "{}", text(&o));
+    let msg = attractor(&["eval", "--data", "@data"], t).unwrap_err();
+    assert!(msg.contains("--images DIR"), "{msg}");
 
-    // Offline and not cached: the error names the repo, revision and file.
+    // Offline and not cached (a repo no cache holds): the error names repo, revision and file.
     std::fs::create_dir_all(t.join("imgs")).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_attractor"))
-        .args(["eval", "--images", "imgs", "--data", "data", "--out", "o", "--offline"])
-        .current_dir(t)
-        .env("HF_HUB_CACHE", t.join("empty-cache"))
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let msg = text(&o);
-    for n in ["openai/clip-vit-base-patch32", "refs/pr/15", "config.json"] {
+    let msg = attractor(
+        &[
+            "eval",
+            "--images",
+            "@imgs",
+            "--data",
+            "@data",
+            "--out",
+            "@o",
+            "--offline",
+            "--clip",
+            "attractor-tests/no-such-clip@v9",
+        ],
+        t,
+    )
+    .unwrap_err();
+    for n in ["attractor-tests/no-such-clip", "v9", "config.json"] {
         assert!(msg.contains(n), "`{n}` not in: {msg}");
     }
     assert!(msg.contains("huggingface-cli download"), "{msg}");

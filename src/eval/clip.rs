@@ -172,11 +172,11 @@ impl ClipConfig {
         let t = &self.text_config;
         let v = &self.vision_config;
         if t.num_attention_heads == 0
-            || t.hidden_size % t.num_attention_heads != 0
+            || !t.hidden_size.is_multiple_of(t.num_attention_heads)
             || v.num_attention_heads == 0
-            || v.hidden_size % v.num_attention_heads != 0
+            || !v.hidden_size.is_multiple_of(v.num_attention_heads)
             || v.patch_size == 0
-            || v.image_size % v.patch_size != 0
+            || !v.image_size.is_multiple_of(v.patch_size)
         {
             bail!(
                 "{}: inconsistent sizes (hidden size must split into heads, image size into patches)",
@@ -236,10 +236,7 @@ impl ClipTokenizer {
         })?;
         let id = |t: &str| {
             tokenizer.token_to_id(t).with_context(|| {
-                format!(
-                    "{} has no {t} token: not a CLIP tokenizer",
-                    path.display()
-                )
+                format!("{} has no {t} token: not a CLIP tokenizer", path.display())
             })
         };
         Ok(Self {
@@ -295,9 +292,12 @@ pub struct ClipModel {
 impl ClipModel {
     /// Build from a VarBuilder over transformers `CLIPModel` weights.
     pub fn new(vb: VarBuilder, config: &ClipConfig) -> candle_core::Result<Self> {
-        let text = text_model::ClipTextTransformer::new(vb.pp("text_model"), &config.candle_text())?;
-        let vision =
-            vision_model::ClipVisionTransformer::new(vb.pp("vision_model"), &config.candle_vision())?;
+        let text =
+            text_model::ClipTextTransformer::new(vb.pp("text_model"), &config.candle_text())?;
+        let vision = vision_model::ClipVisionTransformer::new(
+            vb.pp("vision_model"),
+            &config.candle_vision(),
+        )?;
         let text_projection = crate::nn::Linear::new(
             vb.pp("text_projection"),
             config.text_config.hidden_size,

@@ -70,9 +70,9 @@ impl DinoConfig {
             )
         })?;
         if cfg.num_attention_heads == 0
-            || cfg.hidden_size % cfg.num_attention_heads != 0
+            || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
             || cfg.patch_size == 0
-            || cfg.image_size % cfg.patch_size != 0
+            || !cfg.image_size.is_multiple_of(cfg.patch_size)
         {
             bail!(
                 "{}: inconsistent sizes (hidden size must split into heads, image size into patches)",
