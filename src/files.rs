@@ -90,3 +90,13 @@ pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<()> {
         .with_context(|| format!("cannot encode {}", path.display()))?;
     atomic_write(path, &buf.into_inner())
 }
+
+/// A stable 64-bit FNV-1a hash of a byte string (content fingerprints in results).
+pub fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}

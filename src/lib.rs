@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod files;
 pub mod hub;
 pub mod pipeline;

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 pub mod fetch;
 pub mod sample;
 pub mod train;
+pub mod eval;
 
 /// The flags every verb takes (SPEC.md §0).
 #[derive(Args, Debug, Clone, Default)]
@@ -94,6 +95,8 @@ pub enum Verb {
     Train(train::TrainArgs),
     /// Find (and download unless --offline) the SD 1.5 weights --model names.
     Fetch(fetch::FetchArgs),
+    /// Score generations: split-test (default) or classic protocol, CLIP-T, CLIP-I, DINO.
+    Eval(eval::EvalArgs),
 }
 
 /// Run the parsed command line.
@@ -102,5 +105,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Verb::Sample(a) => sample::run(&a),
         Verb::Train(a) => train::run(&a),
         Verb::Fetch(a) => fetch::run(&a),
+        Verb::Eval(args) => eval::run(&args),
     }
 }

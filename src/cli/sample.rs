@@ -51,7 +51,7 @@ pub struct SampleArgs {
 
 pub fn model_source(common: &Common) -> Result<ModelSource> {
     let m = common.model.as_deref().unwrap_or(hub::SD15_REPO);
-    Ok(ModelSource::parse(m).context("--model")?)
+    ModelSource::parse(m, "main").map_err(|e| anyhow::anyhow!("--model: {e}"))
 }
 
 /// Load SD 1.5 as `--model`/`--offline`/`--device` say.
