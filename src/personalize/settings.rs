@@ -82,9 +82,15 @@ impl Default for TrainSettings {
 pub struct Resolved {
     #[serde(flatten)]
     pub s: TrainSettings,
+    // Renamed in JSON: the flattened settings already have optional `steps`, `batch`,
+    // `grad_accum` and `base_lr` keys, and duplicate keys do not read back.
+    #[serde(rename = "resolved_steps")]
     pub steps: usize,
+    #[serde(rename = "resolved_batch")]
     pub batch: usize,
+    #[serde(rename = "resolved_grad_accum")]
     pub grad_accum: usize,
+    #[serde(rename = "resolved_base_lr")]
     pub base_lr: f64,
     /// The learning rate used: base_lr x batch x grad_accum when scale_lr.
     pub lr: f64,
@@ -122,5 +128,27 @@ impl TrainSettings {
             base_lr,
             lr,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `config.json` of a run holds a `Resolved`; `train --resume` and `eval --run` read it back,
+    /// with defaults left unset and with every value given.
+    #[test]
+    fn resolved_round_trips_through_json() {
+        let mut s = TrainSettings::default();
+        for _ in 0..2 {
+            let r = s.resolve().unwrap();
+            let text = serde_json::to_string_pretty(&r).unwrap();
+            let back: Resolved = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, r, "{text}");
+            s.steps = Some(7);
+            s.batch = Some(1);
+            s.grad_accum = Some(3);
+            s.base_lr = Some(2e-3);
+        }
     }
 }
