@@ -53,7 +53,29 @@ pub fn save_safetensors(
     };
     let bytes = safetensors::tensor::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), meta)
         .with_context(|| format!("cannot serialize tensors for {}", path.display()))?;
-    atomic_write(path, &bytes)
+    atomic_write(path, &canonical_header(&bytes)?)
+}
+
+/// safetensors writes its metadata from a HashMap, in a different order each run. Rewrite the
+/// JSON header with sorted keys (serde_json's map is ordered), padded with spaces to 8 bytes as
+/// the format asks, so the same tensors give the same bytes.
+fn canonical_header(bytes: &[u8]) -> Result<Vec<u8>> {
+    let n = u64::from_le_bytes(
+        bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| anyhow::anyhow!("safetensors buffer too short"))?,
+    ) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])?;
+    let mut h = serde_json::to_vec(&header)?;
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// Read the string metadata of a safetensors file.

@@ -82,6 +82,10 @@ pub struct Trainer<'a> {
     /// Optimizer steps done.
     pub step: usize,
     examples: Vec<Example>,
+    /// Epoch order of the training images (shuffled each epoch, as a shuffling data loader) and
+    /// the position in it: every image, hence every attractor, is seen once per epoch.
+    order: Vec<usize>,
+    cursor: usize,
     sampler: PromptSampler,
     vocab: u32,
 }
@@ -211,6 +215,8 @@ impl<'a> Trainer<'a> {
             rng,
             step: 0,
             examples,
+            order: Vec::new(),
+            cursor: 0,
         })
     }
 
@@ -220,7 +226,7 @@ impl<'a> Trainer<'a> {
 
     /// One micro-batch: the losses (not yet backpropagated).
     fn micro_batch(&mut self, p: f64) -> Result<(Tensor, LossParts, bool)> {
-        let s = &self.info.settings;
+        let s = self.info.settings.clone();
         let b = s.batch;
         let method = self.method();
         let sd = self.sd;
@@ -232,7 +238,7 @@ impl<'a> Trainer<'a> {
         let mut ks = Vec::with_capacity(b);
         let mut ts = Vec::with_capacity(b);
         for _ in 0..b {
-            let k = self.rng.range(0, self.examples.len());
+            let k = self.next_image();
             let flip = (self.rng.uniform_f32() as f64) < s.s.flip_p;
             let ex = &self.examples[k];
             let (mean, logvar) = &ex.posterior[flip as usize];
@@ -329,6 +335,22 @@ impl<'a> Trainer<'a> {
         let w = s.s.schedule.weight(p);
         let total = losses::total_loss(&parts, &s.s.weights, w)?;
         Ok((total, parts, true))
+    }
+
+    /// The next image of the epoch order, reshuffling (Fisher-Yates, our RNG) at each epoch start.
+    fn next_image(&mut self) -> usize {
+        if self.cursor >= self.order.len() {
+            let n = self.examples.len();
+            self.order = (0..n).collect();
+            for i in (1..n).rev() {
+                let j = self.rng.range(0, i + 1);
+                self.order.swap(i, j);
+            }
+            self.cursor = 0;
+        }
+        let k = self.order[self.cursor];
+        self.cursor += 1;
+        k
     }
 
     /// One optimizer step (grad_accum micro-batches). Stops with an error on a NaN/Inf loss
@@ -434,6 +456,8 @@ impl<'a> Trainer<'a> {
         meta.insert("rng_seed".into(), seed.iter().map(|b| format!("{b:02x}")).collect());
         meta.insert("rng_word_pos".into(), pos.to_string());
         meta.insert("run".into(), serde_json::to_string(&self.info)?);
+        meta.insert("order".into(), serde_json::to_string(&self.order)?);
+        meta.insert("cursor".into(), self.cursor.to_string());
         crate::files::save_safetensors(path, &tensors, &meta)
     }
 
@@ -471,6 +495,8 @@ impl<'a> Trainer<'a> {
             *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("00"), 16)?;
         }
         self.rng = Rng::from_state(seed, field("rng_word_pos")?.parse()?);
+        self.order = serde_json::from_str(&field("order")?)?;
+        self.cursor = field("cursor")?.parse()?;
         self.refresh_learned()?;
         Ok(())
     }
