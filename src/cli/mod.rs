@@ -3,6 +3,8 @@
 //! module knows about flags: a verb resolves flags + TOML into the settings struct of the library
 //! module it drives, and owns all console output.
 
+pub mod dataset;
+
 use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
@@ -83,9 +85,14 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Verb {}
+pub enum Verb {
+    /// Validate a split-test dataset (`check`) or build one from folders of photos (`new`).
+    Dataset(dataset::DatasetArgs),
+}
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.verb {}
+    match cli.verb {
+        Verb::Dataset(args) => dataset::run(&args),
+    }
 }

@@ -6,6 +6,7 @@
 //! benchmark). Nothing here knows about the command line; errors that callers branch on are
 //! [`DataError`], and every message names the file and the fix.
 
+pub mod check;
 pub mod image;
 pub mod layout;
 
