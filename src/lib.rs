@@ -6,6 +6,8 @@
 pub mod assets;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod files;
+pub mod hub;
 pub mod nn;
 pub mod rng;

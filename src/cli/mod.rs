@@ -3,12 +3,13 @@
 //! module knows about flags: a verb resolves flags + TOML into the settings struct of the library
 //! module it drives, and owns all console output.
 
-pub mod dataset;
-
 use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+
+pub mod dataset;
+pub mod eval;
 
 /// The flags every verb takes (SPEC.md §0).
 #[derive(Args, Debug, Clone, Default)]
@@ -88,11 +89,14 @@ pub struct Cli {
 pub enum Verb {
     /// Validate a split-test dataset (`check`) or build one from folders of photos (`new`).
     Dataset(dataset::DatasetArgs),
+    /// Score generations: split-test (default) or classic protocol, CLIP-T, CLIP-I, DINO.
+    Eval(eval::EvalArgs),
 }
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.verb {
         Verb::Dataset(args) => dataset::run(&args),
+        Verb::Eval(args) => eval::run(&args),
     }
 }

@@ -1,0 +1,401 @@
+//! `attractor eval`: score personalized generations with CLIP-T, CLIP-I and DINO under the
+//! split-test protocol (default), the classic one (`--split train`) or both (SPEC.md §6).
+//!
+//! ```text
+//! attractor eval --run RUN_DIR [--split test|train|both] [--samples 5] [--shard i/n] [--out DIR]
+//! attractor eval --runs DIR ...            every run folder under DIR, each into <run>/eval
+//! attractor eval --images DIR --out OUT    images generated elsewhere, laid out as
+//!     DIR/<subject>/<test image stem>/<caption index>/<sample>.png   (split-test)
+//!     DIR/<subject>/classic/<prompt index>/<sample>.png              (classic)
+//! attractor eval merge --out ALL SHARD_DIR...
+//! ```
+//!
+//! This file resolves flags into [`EvalSettings`] and owns the console output; the protocol,
+//! store and summary live in `crate::eval`.
+
+use super::Common;
+use crate::data::layout::Dataset;
+use crate::eval::protocol::{
+    run_protocol_with_progress, score_image_dir, ClipTSubject, Generator, Progress, Shard, Split,
+};
+use crate::eval::{store, EvalSettings, Scorers, CLIP_REPO, CLIP_REVISION, DINO_REPO, DINO_REVISION};
+use crate::hub::ModelSource;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+
+/// Flags of `attractor eval`.
+#[derive(Args, Debug, Clone)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub action: Option<EvalAction>,
+    /// Protocol: `test` (split-test, the paper's), `train` (classic DreamBooth prompts against
+    /// the training images) or `both` (and print how much classic overestimates).
+    #[arg(long, value_enum, default_value_t = Split::Test)]
+    pub split: Split,
+    /// A training run folder (what `train --out` wrote) to generate from.
+    #[arg(long, conflicts_with_all = ["runs", "images"])]
+    pub run: Option<PathBuf>,
+    /// A folder of run folders: evaluate each.
+    #[arg(long, conflicts_with = "images")]
+    pub runs: Option<PathBuf>,
+    /// Score images generated elsewhere, laid out as
+    /// DIR/<subject>/<test image stem>/<caption index>/<sample>.png and
+    /// DIR/<subject>/classic/<prompt index>/<sample>.png.
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// Images per caption (split-test) or per prompt (classic).
+    #[arg(long, default_value_t = 5)]
+    pub samples: usize,
+    /// Evaluate only part i of n (1 <= i <= n) of the jobs; join the parts with `eval merge`.
+    #[arg(long)]
+    pub shard: Option<Shard>,
+    /// CLIP scorer: a local folder or a hub repo id (`repo@revision`; openai/clip-vit-base-patch32
+    /// defaults to revision refs/pr/15, which has model.safetensors).
+    #[arg(long, default_value = CLIP_REPO)]
+    pub clip: String,
+    /// DINO scorer: a local folder or a hub repo id (`repo@revision`; facebook/dino-vits16
+    /// defaults to revision refs/pr/1, which has model.safetensors).
+    #[arg(long, default_value = DINO_REPO)]
+    pub dino: String,
+    /// What CLIP-T's text puts where a caption has `{}`: the class word, nothing, or the
+    /// generator's placeholder.
+    #[arg(long, value_enum, default_value_t = ClipTSubject::Class)]
+    pub clip_t_subject: ClipTSubject,
+    /// Sampling steps (default: the sampler's, 50).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (default 7.5).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Sampler (default ddim).
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerChoice>,
+}
+
+/// `attractor eval` subcommands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum EvalAction {
+    /// Merge shard folders (same settings) into `--out`.
+    Merge(MergeArgs),
+}
+
+/// Flags of `attractor eval merge`.
+#[derive(Args, Debug, Clone)]
+pub struct MergeArgs {
+    /// The evaluation folders to merge.
+    #[arg(required = true)]
+    pub shards: Vec<PathBuf>,
+}
+
+/// Samplers a generator may use (SPEC.md §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SamplerChoice {
+    /// DDIM, eta 0, "leading" spacing (the default).
+    Ddim,
+    /// DPM-Solver++ 2M, "linspace" spacing (NeTI's).
+    Dpmpp2m,
+}
+
+/// Generation settings from the flags, for the generator of a run.
+#[derive(Clone, Debug)]
+pub struct GenerationOptions {
+    pub model: Option<String>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub sampler: Option<SamplerChoice>,
+    pub device: Device,
+    pub offline: bool,
+}
+
+/// A run's generator and the subjects it was trained on.
+pub struct RunGenerator {
+    pub generator: Box<dyn Generator>,
+    pub subjects: Vec<String>,
+}
+
+/// Open a training run as an image generator. The SD 1.5 pipeline is not part of this branch;
+/// this is the one place to connect it.
+pub fn open_run(run_dir: &Path, _opts: &GenerationOptions) -> Result<RunGenerator> {
+    bail!(
+        "eval --run {}: generating images from a run is not wired yet (the SD pipeline has to be \
+         connected in src/cli/eval.rs `open_run`); meanwhile generate the images elsewhere and \
+         score them with --images DIR",
+        run_dir.display()
+    )
+}
+
+impl EvalArgs {
+    /// The evaluation settings these flags describe.
+    pub fn settings(&self) -> EvalSettings {
+        EvalSettings {
+            split: self.split,
+            samples: self.samples,
+            clip_t_subject: self.clip_t_subject,
+            shard: self.shard,
+        }
+    }
+
+    fn sources(&self) -> Result<(ModelSource, ModelSource)> {
+        let clip = model_source(&self.clip, CLIP_REPO, CLIP_REVISION).context("--clip")?;
+        let dino = model_source(&self.dino, DINO_REPO, DINO_REVISION).context("--dino")?;
+        Ok((clip, dino))
+    }
+}
+
+/// A local folder or hub id; the known scorer repos default to the revision with safetensors.
+fn model_source(spec: &str, known_repo: &str, known_revision: &str) -> Result<ModelSource> {
+    let default_rev = if spec == known_repo { known_revision } else { "main" };
+    ModelSource::parse(spec, default_rev).map_err(|e| anyhow!(e))
+}
+
+fn dataset(common: &Common) -> Result<Dataset> {
+    Ok(match &common.data {
+        Some(d) => Dataset::open(d)?,
+        None => Dataset::open_default()?,
+    })
+}
+
+/// `--subject a,b` or every subject of the dataset.
+fn subjects(common: &Common, dataset: &Dataset) -> Vec<String> {
+    match &common.subject {
+        Some(s) => s
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect(),
+        None => dataset.subject_names().iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// A console progress bar fed by the engine's progress reports.
+fn progress_bar(label: String) -> (indicatif::ProgressBar, impl FnMut(Progress)) {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} images ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(label);
+    let b = bar.clone();
+    let mut first = true;
+    let update = move |p: Progress| {
+        b.set_length(p.total as u64);
+        if first {
+            b.set_position(p.done as u64);
+            b.reset_eta();
+            first = false;
+        } else {
+            b.set_position(p.done as u64);
+        }
+    };
+    (bar, update)
+}
+
+fn print_done(out: &Path, summary: &crate::eval::Summary) {
+    println!("{}", summary.overview().trim_end());
+    println!(
+        "results: {}  summary: {}",
+        out.join(store::RESULTS_FILE).display(),
+        out.join(crate::eval::summary::SUMMARY_CSV).display()
+    );
+}
+
+/// Run `attractor eval`.
+pub fn run(args: &EvalArgs) -> Result<()> {
+    if let Some(EvalAction::Merge(m)) = &args.action {
+        return merge(args, m);
+    }
+    let modes = [args.run.is_some(), args.runs.is_some(), args.images.is_some()];
+    if modes.iter().filter(|m| **m).count() != 1 {
+        bail!("eval: pass one of --run RUN_DIR, --runs DIR or --images DIR (see `attractor eval --help`)");
+    }
+    let settings = args.settings();
+    let dataset = dataset(&args.common)?;
+    let device = args.common.device()?;
+    let offline = args.common.offline();
+    let (clip, dino) = args.sources()?;
+    if let Some(dir) = &args.images {
+        let out = args.common.out.clone().ok_or_else(|| {
+            anyhow!("eval --images: pass --out DIR for the results (a new folder, or one to resume)")
+        })?;
+        let subjects = subjects(&args.common, &dataset);
+        // Check the protocol input before loading the scorers (which may download).
+        crate::eval::protocol::build_jobs(&settings, &dataset, &subjects, &|_| None)?;
+        let mut scorers = Scorers::load(&clip, &dino, &device, offline)?;
+        let (bar, mut update) = progress_bar(format!("scoring {}", dir.display()));
+        let outcome = score_image_dir(&settings, &dataset, &subjects, dir, &mut scorers, &out, &mut update)?;
+        bar.finish_and_clear();
+        print_done(&out, &outcome.summary);
+        let (missing, unreadable) = (&outcome.missing, &outcome.unreadable);
+        if !missing.is_empty() || !unreadable.is_empty() {
+            for p in missing.iter().take(10) {
+                eprintln!("missing: {}", p.display());
+            }
+            for (p, why) in unreadable.iter().take(10) {
+                eprintln!("unreadable: {} ({why})", p.display());
+            }
+            bail!(
+                "{} expected image(s) missing and {} unreadable under {} (first ones listed \
+                 above; the summary covers the images that were scored). Generate them into the \
+                 layout <subject>/<test image stem>/<caption index>/<sample>.png and rerun the \
+                 same command: scored images are not redone",
+                missing.len(),
+                unreadable.len(),
+                dir.display()
+            );
+        }
+        return Ok(());
+    }
+    let opts = GenerationOptions {
+        model: args.common.model.clone(),
+        steps: args.steps,
+        guidance: args.guidance,
+        sampler: args.sampler,
+        device: device.clone(),
+        offline,
+    };
+    let runs: Vec<PathBuf> = match (&args.run, &args.runs) {
+        (Some(r), _) => vec![r.clone()],
+        (None, Some(dir)) => {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .with_context(|| format!("--runs {}: cannot list the folder", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir())
+                .collect();
+            v.sort();
+            if v.is_empty() {
+                bail!("--runs {}: no run folders inside", dir.display());
+            }
+            v
+        }
+        _ => bail!("eval: pass one of --run RUN_DIR, --runs DIR or --images DIR"),
+    };
+    let mut scorers: Option<Scorers> = None;
+    for run_dir in &runs {
+        let mut opened = open_run(run_dir, &opts)?;
+        let subjects = match &args.common.subject {
+            Some(_) => subjects(&args.common, &dataset),
+            None => opened.subjects.clone(),
+        };
+        let out = match (&args.common.out, &args.runs) {
+            (Some(o), Some(_)) => o.join(run_dir.file_name().unwrap_or_default()),
+            (Some(o), None) => o.clone(),
+            (None, _) => run_dir.join("eval"),
+        };
+        if scorers.is_none() {
+            scorers = Some(Scorers::load(&clip, &dino, &device, offline)?);
+        }
+        let sc = scorers.as_mut().context("scorers not loaded")?;
+        let (bar, mut update) = progress_bar(format!("eval {}", run_dir.display()));
+        let summary = run_protocol_with_progress(
+            &settings,
+            &dataset,
+            &subjects,
+            opened.generator.as_mut(),
+            sc,
+            &out,
+            &mut update,
+        )?;
+        bar.finish_and_clear();
+        println!("{}:", run_dir.display());
+        print_done(&out, &summary);
+    }
+    Ok(())
+}
+
+fn merge(args: &EvalArgs, m: &MergeArgs) -> Result<()> {
+    let out = args
+        .common
+        .out
+        .clone()
+        .ok_or_else(|| anyhow!("eval merge: pass --out DIR for the merged results"))?;
+    let outcome = store::merge(&m.shards, &out)?;
+    println!(
+        "merged {} folder(s): {} images ({} duplicate lines dropped)",
+        m.shards.len(),
+        outcome.records,
+        outcome.duplicates
+    );
+    print_done(&out, &outcome.summary);
+    if !outcome.conflicts.is_empty() {
+        bail!(
+            "{} key(s) have different scores in different folders (e.g. {}); the first was kept. \
+             Were the shards produced by the same build and device?",
+            outcome.conflicts.len(),
+            outcome.conflicts[0]
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: EvalArgs,
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let t = T::try_parse_from(["x", "--images", "imgs", "--out", "o"]).unwrap();
+        let s = t.a.settings();
+        assert_eq!(s, EvalSettings::default());
+        assert_eq!(
+            t.a.sources().unwrap().0,
+            ModelSource::Hub {
+                repo: CLIP_REPO.into(),
+                revision: CLIP_REVISION.into()
+            }
+        );
+        let t = T::try_parse_from([
+            "x",
+            "--run",
+            "r",
+            "--split",
+            "both",
+            "--samples",
+            "2",
+            "--shard",
+            "3/4",
+            "--clip-t-subject",
+            "remove",
+            "--dino",
+            "facebook/dino-vits16@main",
+            "--sampler",
+            "dpmpp2m",
+        ])
+        .unwrap();
+        let s = t.a.settings();
+        assert_eq!(s.split, Split::Both);
+        assert_eq!(s.samples, 2);
+        assert_eq!(s.shard, Some(Shard { index: 3, count: 4 }));
+        assert_eq!(s.clip_t_subject, ClipTSubject::Remove);
+        assert_eq!(t.a.sampler, Some(SamplerChoice::Dpmpp2m));
+        assert_eq!(
+            t.a.sources().unwrap().1,
+            ModelSource::Hub {
+                repo: DINO_REPO.into(),
+                revision: "main".into()
+            }
+        );
+        assert!(T::try_parse_from(["x", "--run", "r", "--images", "i"]).is_err());
+        assert!(T::try_parse_from(["x", "--shard", "0/2"]).is_err());
+        let t = T::try_parse_from(["x", "merge", "a", "b", "--out", "m"]).unwrap();
+        match t.a.action {
+            Some(EvalAction::Merge(m)) => assert_eq!(m.shards.len(), 2),
+            None => panic!("merge not parsed"),
+        }
+        assert_eq!(t.a.common.out, Some(PathBuf::from("m")));
+    }
+}

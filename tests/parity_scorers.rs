@@ -1,0 +1,212 @@
+//! Parity of the CLIP and DINO scorers with transformers 5.24 (tests/fixtures/README.md):
+//! `clip.*` come from `CLIPImageProcessor` + `CLIPModel.get_image_features/get_text_features`,
+//! `dino.*` from the DINO eval transform + `ViTModel(...).last_hidden_state[:, 0]`, all on the
+//! tiny fixtures. Images are `golden.json` `score.images` (relative to data/dreambooth-split/),
+//! texts `score.texts`.
+
+use attractor::eval::clip::ClipScorer;
+use attractor::eval::dino::DinoScorer;
+use attractor::eval::{cosine, Scorers};
+use attractor::hub::ModelSource;
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn golden(key: &str) -> Tensor {
+    let path = root().join("tests/fixtures/golden.safetensors");
+    let mut all = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    all.remove(key)
+        .unwrap_or_else(|| panic!("{key} missing from golden.safetensors"))
+}
+
+fn golden_json() -> serde_json::Value {
+    let text = std::fs::read_to_string(root().join("tests/fixtures/golden.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn score_images() -> Vec<image::RgbImage> {
+    let g = golden_json();
+    g["score.images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let path = root().join("data/dreambooth-split").join(p.as_str().unwrap());
+            image::open(&path).unwrap().to_rgb8()
+        })
+        .collect()
+}
+
+fn score_texts() -> Vec<String> {
+    golden_json()["score.texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn local(dir: &str) -> ModelSource {
+    ModelSource::Local(root().join("tests/fixtures").join(dir))
+}
+
+/// `max|ours - ref| <= atol + rtol * max|ref|`.
+fn assert_close(name: &str, ours: &Tensor, reference: &Tensor, atol: f32, rtol: f32) {
+    assert_eq!(ours.dims(), reference.dims(), "{name}: shape");
+    let diff = (ours - reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = reference
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let tol = atol + rtol * scale;
+    assert!(diff <= tol, "{name}: max diff {diff} > {tol}");
+    eprintln!("{name}: max diff {diff:.3e} (tolerance {tol:.3e})");
+}
+
+fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn clip_pixels_match_clip_image_processor() {
+    let clip = ClipScorer::load(&local("tiny-clip"), &Device::Cpu, true).unwrap();
+    let ours = clip.preprocess.batch(&score_images(), &Device::Cpu).unwrap();
+    let d = mean_abs_diff(&ours, &golden("clip.pixel_values"));
+    eprintln!("clip pixel mean abs diff {d:.4}");
+    assert!(d < 0.02, "clip pixel mean abs diff {d}");
+}
+
+#[test]
+fn clip_image_embeds_match_transformers() {
+    let clip = ClipScorer::load(&local("tiny-clip"), &Device::Cpu, true).unwrap();
+    let ours = clip
+        .model
+        .image_embeds(&golden("clip.pixel_values"))
+        .unwrap();
+    assert_close(
+        "clip.image_embeds",
+        &ours,
+        &golden("clip.image_embeds"),
+        0.0,
+        1e-4,
+    );
+}
+
+#[test]
+fn clip_text_embeds_match_transformers() {
+    let clip = ClipScorer::load(&local("tiny-clip"), &Device::Cpu, true).unwrap();
+    let texts = score_texts();
+    let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+    let ours = clip.embed_texts(&refs).unwrap();
+    assert_close(
+        "clip.text_embeds",
+        &ours,
+        &golden("clip.text_embeds"),
+        0.0,
+        1e-4,
+    );
+}
+
+#[test]
+fn clip_tokenizer_matches_golden_ids() {
+    // tok.ids: the same BPE as SD's tokenizer, padded with <|endoftext|> to 77.
+    let clip = ClipScorer::load(&local("tiny-clip"), &Device::Cpu, true).unwrap();
+    let ids = golden("tok.ids").to_vec2::<i64>().unwrap();
+    let prompts = golden_json()["tok.prompts"].clone();
+    for (row, p) in ids.iter().zip(prompts.as_array().unwrap()) {
+        let ours: Vec<i64> = clip
+            .tokenizer
+            .encode(p.as_str().unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|x| x as i64)
+            .collect();
+        assert_eq!(&ours, row);
+    }
+    // Truncation keeps BOS ... EOS within 77 tokens.
+    let long = "a photo of a dog ".repeat(40);
+    let ours = clip.tokenizer.encode(&long).unwrap();
+    assert_eq!(ours.len(), 77);
+    assert_eq!(ours[0], 49406);
+    assert_eq!(ours[76], 49407);
+    assert_ne!(ours[75], 49407);
+}
+
+#[test]
+fn dino_pixels_match_reference_transform() {
+    let dino = DinoScorer::load(&local("tiny-dino"), &Device::Cpu, true).unwrap();
+    let ours = dino.preprocess.batch(&score_images(), &Device::Cpu).unwrap();
+    let d = mean_abs_diff(&ours, &golden("dino.pixel_values"));
+    eprintln!("dino pixel mean abs diff {d:.4}");
+    assert!(d < 0.02, "dino pixel mean abs diff {d}");
+}
+
+#[test]
+fn dino_cls_matches_transformers() {
+    let dino = DinoScorer::load(&local("tiny-dino"), &Device::Cpu, true).unwrap();
+    let ours = dino.model.cls(&golden("dino.pixel_values")).unwrap();
+    assert_close("dino.cls", &ours, &golden("dino.cls"), 0.0, 1e-4);
+}
+
+/// End to end from image files: our preprocessing + models, scores within 2e-3.
+#[test]
+fn scores_match_within_tolerance() {
+    let mut s = Scorers::load(&local("tiny-clip"), &local("tiny-dino"), &Device::Cpu, true).unwrap();
+    let feats = s.image_features(&score_images()).unwrap();
+    let texts = score_texts();
+    let t_ref = golden("clip.t_scores").to_vec1::<f32>().unwrap();
+    let i_ref = golden("clip.i_scores").to_vec2::<f32>().unwrap();
+    let d_ref = golden("dino.scores").to_vec2::<f32>().unwrap();
+    for (k, text) in texts.iter().enumerate() {
+        let t = s.text_features(text).unwrap();
+        let ours = cosine(&t, &feats[k].clip);
+        assert!(
+            (ours - t_ref[k] as f64).abs() < 2e-3,
+            "CLIP-T {k}: {ours} vs {}",
+            t_ref[k]
+        );
+    }
+    for i in 0..3 {
+        for j in 0..3 {
+            let ci = cosine(&feats[i].clip, &feats[j].clip);
+            let di = cosine(&feats[i].dino, &feats[j].dino);
+            assert!((ci - i_ref[i][j] as f64).abs() < 2e-3, "CLIP-I {i},{j}: {ci}");
+            assert!((di - d_ref[i][j] as f64).abs() < 2e-3, "DINO {i},{j}: {di}");
+        }
+    }
+}
+
+#[test]
+fn missing_local_file_names_folder_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = match DinoScorer::load(&ModelSource::Local(dir.path().to_path_buf()), &Device::Cpu, true) {
+        Ok(_) => panic!("an empty folder must not load"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("config.json"), "{err}");
+    assert!(err.contains(&Path::new(dir.path()).display().to_string()), "{err}");
+}
