@@ -40,7 +40,11 @@ fn make_images(dir: &Path, samples: usize, skip: Option<&str>) {
                 if Some(rel.as_str()) == skip {
                     continue;
                 }
-                save_png(&dir.join(&rel), &picture((k * 100 + ci * 10 + s) as u64, 64, 64)).unwrap();
+                save_png(
+                    &dir.join(&rel),
+                    &picture((k * 100 + ci * 10 + s) as u64, 64, 64),
+                )
+                .unwrap();
             }
         }
     }
@@ -84,7 +88,10 @@ fn images_mode_scores_resumes_and_fails_on_missing() {
     let msg = text(&o);
     assert!(msg.contains("candle/07/1/1.png"), "{msg}");
     assert!(msg.contains("1 expected image(s) missing"), "{msg}");
-    assert!(msg.contains("overestimates"), "--split both prints the difference: {msg}");
+    assert!(
+        msg.contains("overestimates"),
+        "--split both prints the difference: {msg}"
+    );
     let lines = std::fs::read_to_string(t.join("out/results.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 15);
     assert!(t.join("out/summary.csv").is_file());
@@ -94,7 +101,10 @@ fn images_mode_scores_resumes_and_fails_on_missing() {
     assert!(o.status.success(), "{}", text(&o));
     let after = std::fs::read_to_string(t.join("out/results.jsonl")).unwrap();
     assert_eq!(after.lines().count(), 16);
-    assert!(after.starts_with(&lines), "earlier lines are kept as they were");
+    assert!(
+        after.starts_with(&lines),
+        "earlier lines are kept as they were"
+    );
 
     // Two shards through the CLI, merged.
     for i in 1..=2 {
@@ -133,7 +143,16 @@ fn readable_errors() {
     // Offline and not cached: the error names the repo, revision and file.
     std::fs::create_dir_all(t.join("imgs")).unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_attractor"))
-        .args(["eval", "--images", "imgs", "--data", "data", "--out", "o", "--offline"])
+        .args([
+            "eval",
+            "--images",
+            "imgs",
+            "--data",
+            "data",
+            "--out",
+            "o",
+            "--offline",
+        ])
         .current_dir(t)
         .env("HF_HUB_CACHE", t.join("empty-cache"))
         .output()

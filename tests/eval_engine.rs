@@ -51,12 +51,20 @@ fn end_to_end_values_both_splits() {
     for r in &recs {
         assert_eq!(
             r.seed,
-            job_seed(&r.subject, r.test_image.as_deref(), r.caption_index, r.sample)
+            job_seed(
+                &r.subject,
+                r.test_image.as_deref(),
+                r.caption_index,
+                r.sample
+            )
         );
         assert!(r.clip_t_text.contains(&r.subject), "{}", r.clip_t_text);
         assert!(!r.clip_t_text.contains("{}"));
         let img = image::open(out.join(&r.image)).unwrap().to_rgb8();
-        let f = sc.image_features(std::slice::from_ref(&img)).unwrap().remove(0);
+        let f = sc
+            .image_features(std::slice::from_ref(&img))
+            .unwrap()
+            .remove(0);
         let t = sc.text_features(&r.clip_t_text).unwrap();
         assert!((cosine(&t, &f.clip) - r.clip_t).abs() < 1e-6);
         let refs: Vec<_> = match &r.test_image {
@@ -74,7 +82,12 @@ fn end_to_end_values_both_splits() {
             ci += cosine(&f.clip, &rf.clip) / refs.len() as f64;
             di += cosine(&f.dino, &rf.dino) / refs.len() as f64;
         }
-        assert!((ci - r.clip_i).abs() < 1e-6, "{}: {ci} vs {}", r.key, r.clip_i);
+        assert!(
+            (ci - r.clip_i).abs() < 1e-6,
+            "{}: {ci} vs {}",
+            r.key,
+            r.clip_i
+        );
         assert!((di - r.dino).abs() < 1e-6, "{}: {di} vs {}", r.key, r.dino);
         assert!(r.clip_i.abs() <= 1.0 && r.dino.abs() <= 1.0 && r.clip_t.abs() <= 1.0);
     }
@@ -128,12 +141,23 @@ fn kill_and_resume_loses_and_repeats_nothing() {
     let mut sc = scorers();
 
     let full = tmp.path().join("full");
-    run_protocol(&s, &ds, &subjects(), &mut FakeGenerator::new(), &mut sc, &full).unwrap();
+    run_protocol(
+        &s,
+        &ds,
+        &subjects(),
+        &mut FakeGenerator::new(),
+        &mut sc,
+        &full,
+    )
+    .unwrap();
 
     let out = tmp.path().join("resumed");
     let mut crashing = FakeGenerator::failing_after(3);
     let err = run_protocol(&s, &ds, &subjects(), &mut crashing, &mut sc, &out).unwrap_err();
-    assert!(format!("{err:#}").contains("rerun the same command"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("rerun the same command"),
+        "{err:#}"
+    );
     assert_eq!(records(&out).len(), 3);
     // A kill in the middle of a write leaves a torn last line.
     std::fs::OpenOptions::new()
@@ -144,8 +168,15 @@ fn kill_and_resume_loses_and_repeats_nothing() {
 
     let mut second = FakeGenerator::new();
     run_protocol(&s, &ds, &subjects(), &mut second, &mut sc, &out).unwrap();
-    assert_eq!(crashing.calls + second.calls, 8, "every image generated exactly once");
-    assert_eq!(sorted_lines(&out.join(RESULTS_FILE)), sorted_lines(&full.join(RESULTS_FILE)));
+    assert_eq!(
+        crashing.calls + second.calls,
+        8,
+        "every image generated exactly once"
+    );
+    assert_eq!(
+        sorted_lines(&out.join(RESULTS_FILE)),
+        sorted_lines(&full.join(RESULTS_FILE))
+    );
 }
 
 #[test]
@@ -157,7 +188,15 @@ fn two_shards_merged_equal_one_run() {
     let mut sc = scorers();
     let s = settings(Split::Both, 2);
     let full = tmp.path().join("full");
-    run_protocol(&s, &ds, &subjects(), &mut FakeGenerator::new(), &mut sc, &full).unwrap();
+    run_protocol(
+        &s,
+        &ds,
+        &subjects(),
+        &mut FakeGenerator::new(),
+        &mut sc,
+        &full,
+    )
+    .unwrap();
 
     let mut shard_dirs = Vec::new();
     let mut calls = 0;
@@ -167,7 +206,10 @@ fn two_shards_merged_equal_one_run() {
         ss.shard = Some(Shard { index: i, count: 2 });
         let mut g = FakeGenerator::new();
         run_protocol(&ss, &ds, &subjects(), &mut g, &mut sc, &dir).unwrap();
-        assert!(g.calls > 0, "shard {i} is empty: the split is too unbalanced");
+        assert!(
+            g.calls > 0,
+            "shard {i} is empty: the split is too unbalanced"
+        );
         calls += g.calls;
         shard_dirs.push(dir);
     }
@@ -189,8 +231,7 @@ fn two_shards_merged_equal_one_run() {
         serde_json::from_str(&std::fs::read_to_string(merged.join("summary.json")).unwrap())
             .unwrap();
     let b: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(full.join("summary.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(full.join("summary.json")).unwrap()).unwrap();
     assert_eq!(a, b);
     // Merging again (idempotent) and merging a folder of other settings.
     assert_eq!(merge(&shard_dirs, &merged).unwrap().records, 16);
@@ -218,7 +259,15 @@ fn image_folder_mode_scores_like_the_engine_and_reports_missing() {
     let mut sc = scorers();
     let s = settings(Split::Both, 2);
     let gen_out = tmp.path().join("gen");
-    run_protocol(&s, &ds, &subjects(), &mut FakeGenerator::new(), &mut sc, &gen_out).unwrap();
+    run_protocol(
+        &s,
+        &ds,
+        &subjects(),
+        &mut FakeGenerator::new(),
+        &mut sc,
+        &gen_out,
+    )
+    .unwrap();
     let generated = records(&gen_out);
 
     // The engine's images/ folder is in the --images layout.
@@ -329,7 +378,13 @@ fn caption_without_or_with_two_slots_is_refused() {
             .unwrap()
         },
         &["dog"],
-        &["caption 0", "has no `{}`", "caption 1", "2 `{}` slots", "2 problem(s)"],
+        &[
+            "caption 0",
+            "has no `{}`",
+            "caption 1",
+            "2 `{}` slots",
+            "2 problem(s)",
+        ],
     );
 }
 
@@ -350,7 +405,11 @@ fn missing_reference_image_is_refused() {
 
 #[test]
 fn unknown_subject_is_refused() {
-    expect_input_error(|_| {}, &["dog", "unicorn"], &["unknown subject `unicorn`", "dog, candle"]);
+    expect_input_error(
+        |_| {},
+        &["dog", "unicorn"],
+        &["unknown subject `unicorn`", "dog, candle"],
+    );
 }
 
 #[test]
@@ -396,7 +455,10 @@ fn jobs_cover_the_protocols() {
         .filter(|j| j.subject == "dog" && j.split == Split::Test)
         .collect();
     assert_eq!(dog_test[0].clip_t_text, "a photo of dog on a ledge");
-    assert_eq!(dog_test[0].references, vec![tmp.path().join("dog/test/05.png")]);
+    assert_eq!(
+        dog_test[0].references,
+        vec![tmp.path().join("dog/test/05.png")]
+    );
     let candle_classic: Vec<_> = jobs
         .iter()
         .filter(|j| j.subject == "candle" && j.split == Split::Train)

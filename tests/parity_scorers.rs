@@ -34,7 +34,9 @@ fn score_images() -> Vec<image::RgbImage> {
         .unwrap()
         .iter()
         .map(|p| {
-            let path = root().join("data/dreambooth-split").join(p.as_str().unwrap());
+            let path = root()
+                .join("data/dreambooth-split")
+                .join(p.as_str().unwrap());
             image::open(&path).unwrap().to_rgb8()
         })
         .collect()
@@ -94,7 +96,10 @@ fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn clip_pixels_match_clip_image_processor() {
     let clip = ClipScorer::load(&local("tiny-clip"), &Device::Cpu, true).unwrap();
-    let ours = clip.preprocess.batch(&score_images(), &Device::Cpu).unwrap();
+    let ours = clip
+        .preprocess
+        .batch(&score_images(), &Device::Cpu)
+        .unwrap();
     let d = mean_abs_diff(&ours, &golden("clip.pixel_values"));
     eprintln!("clip pixel mean abs diff {d:.4}");
     assert!(d < 0.02, "clip pixel mean abs diff {d}");
@@ -159,7 +164,10 @@ fn clip_tokenizer_matches_golden_ids() {
 #[test]
 fn dino_pixels_match_reference_transform() {
     let dino = DinoScorer::load(&local("tiny-dino"), &Device::Cpu, true).unwrap();
-    let ours = dino.preprocess.batch(&score_images(), &Device::Cpu).unwrap();
+    let ours = dino
+        .preprocess
+        .batch(&score_images(), &Device::Cpu)
+        .unwrap();
     let d = mean_abs_diff(&ours, &golden("dino.pixel_values"));
     eprintln!("dino pixel mean abs diff {d:.4}");
     assert!(d < 0.02, "dino pixel mean abs diff {d}");
@@ -175,7 +183,8 @@ fn dino_cls_matches_transformers() {
 /// End to end from image files: our preprocessing + models, scores within 2e-3.
 #[test]
 fn scores_match_within_tolerance() {
-    let mut s = Scorers::load(&local("tiny-clip"), &local("tiny-dino"), &Device::Cpu, true).unwrap();
+    let mut s =
+        Scorers::load(&local("tiny-clip"), &local("tiny-dino"), &Device::Cpu, true).unwrap();
     let feats = s.image_features(&score_images()).unwrap();
     let texts = score_texts();
     let t_ref = golden("clip.t_scores").to_vec1::<f32>().unwrap();
@@ -194,7 +203,10 @@ fn scores_match_within_tolerance() {
         for j in 0..3 {
             let ci = cosine(&feats[i].clip, &feats[j].clip);
             let di = cosine(&feats[i].dino, &feats[j].dino);
-            assert!((ci - i_ref[i][j] as f64).abs() < 2e-3, "CLIP-I {i},{j}: {ci}");
+            assert!(
+                (ci - i_ref[i][j] as f64).abs() < 2e-3,
+                "CLIP-I {i},{j}: {ci}"
+            );
             assert!((di - d_ref[i][j] as f64).abs() < 2e-3, "DINO {i},{j}: {di}");
         }
     }
@@ -203,10 +215,17 @@ fn scores_match_within_tolerance() {
 #[test]
 fn missing_local_file_names_folder_and_file() {
     let dir = tempfile::tempdir().unwrap();
-    let err = match DinoScorer::load(&ModelSource::Local(dir.path().to_path_buf()), &Device::Cpu, true) {
+    let err = match DinoScorer::load(
+        &ModelSource::Local(dir.path().to_path_buf()),
+        &Device::Cpu,
+        true,
+    ) {
         Ok(_) => panic!("an empty folder must not load"),
         Err(e) => format!("{e:#}"),
     };
     assert!(err.contains("config.json"), "{err}");
-    assert!(err.contains(&Path::new(dir.path()).display().to_string()), "{err}");
+    assert!(
+        err.contains(&Path::new(dir.path()).display().to_string()),
+        "{err}"
+    );
 }

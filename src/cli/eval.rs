@@ -18,7 +18,9 @@ use crate::data::layout::Dataset;
 use crate::eval::protocol::{
     run_protocol_with_progress, score_image_dir, ClipTSubject, Generator, Progress, Shard, Split,
 };
-use crate::eval::{store, EvalSettings, Scorers, CLIP_REPO, CLIP_REVISION, DINO_REPO, DINO_REVISION};
+use crate::eval::{
+    store, EvalSettings, Scorers, CLIP_REPO, CLIP_REVISION, DINO_REPO, DINO_REVISION,
+};
 use crate::hub::ModelSource;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
@@ -149,7 +151,11 @@ impl EvalArgs {
 
 /// A local folder or hub id; the known scorer repos default to the revision with safetensors.
 fn model_source(spec: &str, known_repo: &str, known_revision: &str) -> Result<ModelSource> {
-    let default_rev = if spec == known_repo { known_revision } else { "main" };
+    let default_rev = if spec == known_repo {
+        known_revision
+    } else {
+        "main"
+    };
     ModelSource::parse(spec, default_rev).map_err(|e| anyhow!(e))
 }
 
@@ -168,7 +174,11 @@ fn subjects(common: &Common, dataset: &Dataset) -> Vec<String> {
             .map(|x| x.trim().to_string())
             .filter(|x| !x.is_empty())
             .collect(),
-        None => dataset.subject_names().iter().map(|s| s.to_string()).collect(),
+        None => dataset
+            .subject_names()
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     }
 }
 
@@ -212,7 +222,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if let Some(EvalAction::Merge(m)) = &args.action {
         return merge(args, m);
     }
-    let modes = [args.run.is_some(), args.runs.is_some(), args.images.is_some()];
+    let modes = [
+        args.run.is_some(),
+        args.runs.is_some(),
+        args.images.is_some(),
+    ];
     if modes.iter().filter(|m| **m).count() != 1 {
         bail!("eval: pass one of --run RUN_DIR, --runs DIR or --images DIR (see `attractor eval --help`)");
     }
@@ -223,14 +237,24 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let (clip, dino) = args.sources()?;
     if let Some(dir) = &args.images {
         let out = args.common.out.clone().ok_or_else(|| {
-            anyhow!("eval --images: pass --out DIR for the results (a new folder, or one to resume)")
+            anyhow!(
+                "eval --images: pass --out DIR for the results (a new folder, or one to resume)"
+            )
         })?;
         let subjects = subjects(&args.common, &dataset);
         // Check the protocol input before loading the scorers (which may download).
         crate::eval::protocol::build_jobs(&settings, &dataset, &subjects, &|_| None)?;
         let mut scorers = Scorers::load(&clip, &dino, &device, offline)?;
         let (bar, mut update) = progress_bar(format!("scoring {}", dir.display()));
-        let outcome = score_image_dir(&settings, &dataset, &subjects, dir, &mut scorers, &out, &mut update)?;
+        let outcome = score_image_dir(
+            &settings,
+            &dataset,
+            &subjects,
+            dir,
+            &mut scorers,
+            &out,
+            &mut update,
+        )?;
         bar.finish_and_clear();
         print_done(&out, &outcome.summary);
         let (missing, unreadable) = (&outcome.missing, &outcome.unreadable);

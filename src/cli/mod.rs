@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 pub mod dataset;
 pub mod eval;
+pub mod masks;
 
 /// The flags every verb takes (SPEC.md §0).
 #[derive(Args, Debug, Clone, Default)]
@@ -89,6 +90,8 @@ pub struct Cli {
 pub enum Verb {
     /// Validate a split-test dataset (`check`) or build one from folders of photos (`new`).
     Dataset(dataset::DatasetArgs),
+    /// Automatic subject masks of the training images (SAM proposals ranked by CLIP).
+    Masks(masks::MasksArgs),
     /// Score generations: split-test (default) or classic protocol, CLIP-T, CLIP-I, DINO.
     Eval(eval::EvalArgs),
 }
@@ -97,6 +100,7 @@ pub enum Verb {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.verb {
         Verb::Dataset(args) => dataset::run(&args),
+        Verb::Masks(args) => masks::run(&args),
         Verb::Eval(args) => eval::run(&args),
     }
 }

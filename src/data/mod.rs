@@ -9,6 +9,7 @@
 pub mod check;
 pub mod image;
 pub mod layout;
+pub mod masks;
 
 pub use layout::{
     fill, validate_caption, CaptionError, Dataset, Kind, Prompts, Subject, SubjectEntry,

@@ -236,10 +236,7 @@ impl ClipTokenizer {
         })?;
         let id = |t: &str| {
             tokenizer.token_to_id(t).with_context(|| {
-                format!(
-                    "{} has no {t} token: not a CLIP tokenizer",
-                    path.display()
-                )
+                format!("{} has no {t} token: not a CLIP tokenizer", path.display())
             })
         };
         Ok(Self {
@@ -295,9 +292,12 @@ pub struct ClipModel {
 impl ClipModel {
     /// Build from a VarBuilder over transformers `CLIPModel` weights.
     pub fn new(vb: VarBuilder, config: &ClipConfig) -> candle_core::Result<Self> {
-        let text = text_model::ClipTextTransformer::new(vb.pp("text_model"), &config.candle_text())?;
-        let vision =
-            vision_model::ClipVisionTransformer::new(vb.pp("vision_model"), &config.candle_vision())?;
+        let text =
+            text_model::ClipTextTransformer::new(vb.pp("text_model"), &config.candle_text())?;
+        let vision = vision_model::ClipVisionTransformer::new(
+            vb.pp("vision_model"),
+            &config.candle_vision(),
+        )?;
         let text_projection = crate::nn::Linear::new(
             vb.pp("text_projection"),
             config.text_config.hidden_size,

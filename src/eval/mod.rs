@@ -76,7 +76,12 @@ impl Scorers {
     pub fn image_features(&mut self, images: &[RgbImage]) -> Result<Vec<ImageFeatures>> {
         let mut out = Vec::with_capacity(images.len());
         for chunk in images.chunks(self.batch.max(1)) {
-            let c = rows(&self.clip.embed_images(chunk).context("CLIP image embedding")?)?;
+            let c = rows(
+                &self
+                    .clip
+                    .embed_images(chunk)
+                    .context("CLIP image embedding")?,
+            )?;
             let d = rows(&self.dino.embed_images(chunk).context("DINO embedding")?)?;
             for (clip, dino) in c.into_iter().zip(d) {
                 out.push(ImageFeatures {

@@ -73,8 +73,9 @@ impl Preprocess {
     pub fn from_clip_config(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: HfPreprocessorConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a valid preprocessor_config.json", path.display()))?;
+        let cfg: HfPreprocessorConfig = serde_json::from_str(&text).with_context(|| {
+            format!("{} is not a valid preprocessor_config.json", path.display())
+        })?;
         let mut p = Self::clip();
         if let Some(s) = cfg.size.and_then(|s| s.shortest_edge.or(s.height)) {
             p.resize_short = s;

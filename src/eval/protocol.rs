@@ -57,7 +57,17 @@ pub trait Generator {
 
 /// Which protocol(s) to run.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
@@ -257,7 +267,12 @@ fn stem(name: &str) -> String {
 
 /// The seed of one image: a stable hash of (subject, test image file or "classic", caption
 /// index, sample index).
-pub fn job_seed(subject: &str, test_image: Option<&str>, caption_index: usize, sample: usize) -> u64 {
+pub fn job_seed(
+    subject: &str,
+    test_image: Option<&str>,
+    caption_index: usize,
+    sample: usize,
+) -> u64 {
     Rng::derive_seed(&[
         subject,
         test_image.unwrap_or("classic"),
@@ -564,7 +579,15 @@ pub fn run_protocol(
     scorers: &mut Scorers,
     out: &Path,
 ) -> Result<Summary> {
-    run_protocol_with_progress(settings, dataset, subjects, generator, scorers, out, &mut |_| {})
+    run_protocol_with_progress(
+        settings,
+        dataset,
+        subjects,
+        generator,
+        scorers,
+        out,
+        &mut |_| {},
+    )
 }
 
 /// [`run_protocol`], reporting progress after each image.
@@ -641,8 +664,11 @@ fn path_string(p: &Path) -> String {
 /// Save `img` as PNG at `path` atomically.
 pub fn save_png(path: &Path, img: &RgbImage) -> Result<()> {
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .with_context(|| format!("cannot encode {} as PNG", path.display()))?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .with_context(|| format!("cannot encode {} as PNG", path.display()))?;
     crate::files::atomic_write(path, &bytes)
 }
 
@@ -755,7 +781,10 @@ mod tests {
 
     #[test]
     fn shard_parse_and_partition() {
-        assert_eq!("2/4".parse::<Shard>().unwrap(), Shard { index: 2, count: 4 });
+        assert_eq!(
+            "2/4".parse::<Shard>().unwrap(),
+            Shard { index: 2, count: 4 }
+        );
         for bad in ["0/4", "5/4", "1/0", "a/b", "3"] {
             assert!(bad.parse::<Shard>().is_err(), "{bad}");
         }

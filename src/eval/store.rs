@@ -79,7 +79,8 @@ impl EvalConfig {
             .filter(|k| a.get(*k) != b.get(*k))
             .map(|k| {
                 let show = |v: Option<&serde_json::Value>| {
-                    v.map(|v| v.to_string()).unwrap_or_else(|| "(absent)".into())
+                    v.map(|v| v.to_string())
+                        .unwrap_or_else(|| "(absent)".into())
                 };
                 format!("{k}: {} vs {}", show(a.get(k)), show(b.get(k)))
             })
@@ -269,13 +270,14 @@ pub struct MergeOutcome {
 /// Records already in `out` are kept; `out` must have the same config if it has one.
 pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<MergeOutcome> {
     if inputs.is_empty() {
-        bail!("merge: name the shard folders to merge, e.g. `attractor eval merge --out all s1 s2`");
+        bail!(
+            "merge: name the shard folders to merge, e.g. `attractor eval merge --out all s1 s2`"
+        );
     }
     let mut config: Option<(PathBuf, EvalConfig)> = None;
     for dir in inputs {
-        let c = EvalConfig::read(&dir.join(CONFIG_FILE)).with_context(|| {
-            format!("merge: {} is not an evaluation folder", dir.display())
-        })?;
+        let c = EvalConfig::read(&dir.join(CONFIG_FILE))
+            .with_context(|| format!("merge: {} is not an evaluation folder", dir.display()))?;
         match &config {
             None => config = Some((dir.clone(), c)),
             Some((first, fc)) => {

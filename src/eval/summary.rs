@@ -141,7 +141,11 @@ pub fn summarize(records: &[Record], config: &EvalConfig) -> Summary {
             subjects: c
                 .subjects
                 .iter()
-                .filter_map(|(s, cm)| t.subjects.get(s).map(|tm| (s.clone(), Delta::between(cm, tm))))
+                .filter_map(|(s, cm)| {
+                    t.subjects
+                        .get(s)
+                        .map(|tm| (s.clone(), Delta::between(cm, tm)))
+                })
                 .collect(),
         }),
         _ => None,
@@ -170,7 +174,8 @@ impl Summary {
     /// `summary.csv`: `split,subject,n,clip_t,clip_t_se,clip_i,clip_i_se,dino,dino_se`; subject
     /// `ALL` is the overall row; split `classic-minus-test` rows hold the differences.
     pub fn to_csv(&self) -> String {
-        let mut s = String::from("split,subject,n,clip_t,clip_t_se,clip_i,clip_i_se,dino,dino_se\n");
+        let mut s =
+            String::from("split,subject,n,clip_t,clip_t_se,clip_i,clip_i_se,dino,dino_se\n");
         let mut row = |split: &str, subject: &str, m: &Metrics| {
             let _ = writeln!(
                 s,
