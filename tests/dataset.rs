@@ -403,3 +403,55 @@ fn cli_check_exits_nonzero_and_names_the_file() {
     );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("no problems found"));
 }
+
+#[test]
+fn cli_attractor_data_overrides_and_new_explains_next_steps() {
+    let tmp = subset(&["vase"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attractor"))
+        .args(["dataset", "check"])
+        .env("ATTRACTOR_DATA", tmp.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&*tmp.path().to_string_lossy()) && stdout.contains("1 subjects"),
+        "{stdout}"
+    );
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_attractor"))
+        .args(["dataset", "check"])
+        .env("ATTRACTOR_DATA", tmp.path().join("missing"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        stderr.contains("ATTRACTOR_DATA") && stderr.contains("missing"),
+        "{stderr}"
+    );
+
+    // `dataset new` from a folder of photos per subject.
+    let src = tempfile::tempdir().unwrap();
+    copy_dir(&bundled().join("vase/train"), &src.path().join("vase"));
+    let dst = tempfile::tempdir().unwrap();
+    let dst = dst.path().join("new");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attractor"))
+        .args(["dataset", "new"])
+        .arg(src.path())
+        .arg(&dst)
+        .args(["--test", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("subjects.json") && stdout.contains("attractor dataset check"),
+        "{stdout}"
+    );
+    assert!(dst.join("vase/captions.json").is_file());
+}

@@ -624,18 +624,27 @@ mod tests {
     #[test]
     fn crop_is_square_and_grey_outside() {
         let img = RgbImage::from_pixel(40, 20, Rgb([200, 10, 10]));
-        let mut m = GrayImage::new(40, 20);
-        for y in 5..15 {
-            for x in 10..30 {
-                if x < 20 {
-                    m.put_pixel(x, y, Luma([255]));
-                }
-            }
-        }
+        // A triangle in the box x 10..20, y 5..15 (subject below the diagonal).
+        let m = GrayImage::from_fn(40, 20, |x, y| {
+            let inside = (10..20).contains(&x) && (5..15).contains(&y) && x - 10 <= y - 5;
+            Luma([if inside { 255 } else { 0 }])
+        });
         let c = masked_crop(&img, &m);
+        assert_eq!(c.dimensions(), (10, 10));
+        assert_eq!(c.get_pixel(9, 0).0, [127, 127, 127]);
+        assert_eq!(c.get_pixel(5, 5).0, [200, 10, 10]);
+        // A wide mask is padded to a square with grey.
+        let wide = GrayImage::from_fn(40, 20, |x, y| {
+            Luma([if (0..40).contains(&x) && (8..12).contains(&y) {
+                255
+            } else {
+                0
+            }])
+        });
+        let c = masked_crop(&img, &wide);
         assert_eq!(c.width(), c.height());
-        assert_eq!(c.get_pixel(0, 0).0, [127, 127, 127]);
-        assert_eq!(c.get_pixel(c.width() / 2, c.height() / 2).0, [200, 10, 10]);
+        assert_eq!(c.get_pixel(20, 0).0, [127, 127, 127]);
+        assert_eq!(c.get_pixel(20, c.height() / 2).0, [200, 10, 10]);
         assert_eq!(bbox(&m), Some((10, 5, 20, 15)));
     }
 }
