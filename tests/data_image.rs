@@ -52,6 +52,41 @@ fn mask_latent_matches_golden_nearest_resize() {
     assert_eq!(max_abs_diff(&lat, &want.squeeze(0).unwrap()), 0.0);
 }
 
+/// `vae.image` is dog/train/00.jpg as the reference preprocessed it (PIL bicubic resize to
+/// 128 x 128, no crop, [-1, 1]): our decode + Catmull-Rom resize must agree within the pixel
+/// tolerance of tests/fixtures/README.md (mean absolute difference < 0.02; measured 0.0015).
+#[test]
+fn training_tensor_matches_golden_vae_image() {
+    let g = golden();
+    let want = g["vae.image"].squeeze(0).unwrap(); // [3, 128, 128]
+    let img = load_rgb(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("data/dreambooth-split/dog/train/00.jpg"),
+    )
+    .unwrap();
+    let got = to_tensor(&img, 128).unwrap();
+    assert_eq!(got.dims(), want.dims());
+    let mad = (&got - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(mad < 0.02, "mean abs diff {mad}");
+    // A mirrored input is far off: the comparison can fail.
+    let flipped = hflip(&got).unwrap();
+    let mad_flip = (&flipped - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(mad_flip > 0.05, "{mad_flip}");
+}
+
 #[test]
 fn mask_is_binarised_at_half_and_flips_with_the_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -275,6 +310,32 @@ fn bad_and_truncated_images_name_the_file() {
     }
     let missing = load_rgb(&dir.path().join("missing.jpg")).unwrap_err();
     assert!(missing.to_string().contains("missing.jpg"));
+}
+
+/// Progressive JPEGs have many scans with tables between them: the truncation check must walk
+/// all of them, accept the complete file and reject a cut one.
+#[test]
+fn progressive_jpeg_complete_and_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = ImageBuffer::from_fn(48, 40, |x, y| {
+        Rgb([(x * 5) as u8, (y * 6) as u8, ((x + y) * 2) as u8])
+    });
+    let path = dir.path().join("progressive.jpg");
+    let mut enc = jpeg_encoder::Encoder::new_file(&path, 90).unwrap();
+    enc.set_progressive(true);
+    enc.encode(img.as_raw(), 48, 40, jpeg_encoder::ColorType::Rgb)
+        .unwrap();
+    let got = load_rgb(&path).unwrap();
+    assert_eq!(got.dimensions(), (48, 40));
+    assert!(close(got.get_pixel(20, 20).0, img.get_pixel(20, 20).0, 12));
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.jpg");
+    std::fs::write(&cut, &bytes[..bytes.len() * 4 / 5]).unwrap();
+    let err = load_rgb(&cut).unwrap_err().to_string();
+    assert!(
+        err.contains("cut.jpg") && err.contains("truncated"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 pub mod fetch;
 pub mod sample;
 pub mod train;
+pub mod dataset;
 pub mod eval;
+pub mod masks;
 
 /// The flags every verb takes (SPEC.md §0).
 #[derive(Args, Debug, Clone, Default)]
@@ -95,6 +97,10 @@ pub enum Verb {
     Train(train::TrainArgs),
     /// Find (and download unless --offline) the SD 1.5 weights --model names.
     Fetch(fetch::FetchArgs),
+    /// Validate a split-test dataset (`check`) or build one from folders of photos (`new`).
+    Dataset(dataset::DatasetArgs),
+    /// Automatic subject masks of the training images (SAM proposals ranked by CLIP).
+    Masks(masks::MasksArgs),
     /// Score generations: split-test (default) or classic protocol, CLIP-T, CLIP-I, DINO.
     Eval(eval::EvalArgs),
 }
@@ -105,6 +111,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Verb::Sample(a) => sample::run(&a),
         Verb::Train(a) => train::run(&a),
         Verb::Fetch(a) => fetch::run(&a),
+        Verb::Dataset(args) => dataset::run(&args),
+        Verb::Masks(args) => masks::run(&args),
         Verb::Eval(args) => eval::run(&args),
     }
 }

@@ -199,9 +199,9 @@ impl Dataset {
 
     /// Where the bundled benchmark lives. Search order, first hit wins:
     /// 1. `$ATTRACTOR_DATA` if set (an error if it is not a folder);
-    /// 2. `data/dreambooth-split` beside the executable or in any of its parent folders (an
-    ///    installed copy, or `target/debug/attractor` inside the repository);
-    /// 3. `data/dreambooth-split` under the current directory;
+    /// 2. `data/dreambooth-split` under the current directory (running from a checkout);
+    /// 3. `data/dreambooth-split` beside the executable or in any of its parent folders (a
+    ///    binary shipped next to the data, or `target/debug/attractor` inside the repository);
     /// 4. `data/dreambooth-split` under the crate root recorded at build time
     ///    (`CARGO_MANIFEST_DIR`: a binary run from a checkout that has moved no longer finds it).
     pub fn default_dir() -> Result<PathBuf> {
@@ -219,13 +219,13 @@ impl Dataset {
             });
         }
         let mut candidates = Vec::new();
+        if let Ok(cwd) = std::env::current_dir() {
+            candidates.push(cwd.join(BUNDLED_REL));
+        }
         if let Ok(exe) = std::env::current_exe() {
             for dir in exe.ancestors().skip(1) {
                 candidates.push(dir.join(BUNDLED_REL));
             }
-        }
-        if let Ok(cwd) = std::env::current_dir() {
-            candidates.push(cwd.join(BUNDLED_REL));
         }
         candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(BUNDLED_REL));
         for c in &candidates {

@@ -6,8 +6,10 @@
 //! benchmark). Nothing here knows about the command line; errors that callers branch on are
 //! [`DataError`], and every message names the file and the fix.
 
+pub mod check;
 pub mod image;
 pub mod layout;
+pub mod masks;
 
 pub use layout::{
     fill, validate_caption, CaptionError, Dataset, Kind, Prompts, Subject, SubjectEntry,
