@@ -3,12 +3,13 @@
 //! Data flows one way: files -> tensors -> models -> losses / samples -> scores -> reports.
 //! `sd` and `nn` do no I/O and know nothing of the command line.
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod files;
 pub mod hub;
-pub mod pipeline;
 pub mod nn;
 pub mod personalize;
+pub mod pipeline;
 pub mod rng;
 pub mod sd;

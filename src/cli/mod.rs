@@ -8,6 +8,7 @@ use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+pub mod bench;
 pub mod sample;
 
 /// The flags every verb takes (SPEC.md §0).
@@ -88,11 +89,14 @@ pub struct Cli {
 pub enum Verb {
     /// Generate images from a prompt (optionally with a learned subject).
     Sample(sample::SampleArgs),
+    /// Time training and sampling steps on random SD 1.5-size weights against PyTorch.
+    Bench(bench::BenchArgs),
 }
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.verb {
         Verb::Sample(a) => sample::run(&a),
+        Verb::Bench(a) => bench::run(&a),
     }
 }
