@@ -4,13 +4,14 @@
 //! `sd` and `nn` do no I/O and know nothing of the command line.
 
 pub mod assets;
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod files;
 pub mod hub;
-pub mod pipeline;
 pub mod nn;
 pub mod personalize;
+pub mod pipeline;
 pub mod rng;
 pub mod sd;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 pub mod fetch;
+pub mod bench;
 pub mod sample;
 pub mod train;
 pub mod dataset;
@@ -103,6 +104,8 @@ pub enum Verb {
     Masks(masks::MasksArgs),
     /// Score generations: split-test (default) or classic protocol, CLIP-T, CLIP-I, DINO.
     Eval(eval::EvalArgs),
+    /// Time training and sampling steps on random SD 1.5-size weights against PyTorch.
+    Bench(bench::BenchArgs),
 }
 
 /// Run the parsed command line.
@@ -114,5 +117,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Verb::Dataset(args) => dataset::run(&args),
         Verb::Masks(args) => masks::run(&args),
         Verb::Eval(args) => eval::run(&args),
+        Verb::Bench(a) => bench::run(&a),
     }
 }

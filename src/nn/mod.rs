@@ -4,10 +4,29 @@
 //! through them silently drops gradients (SPEC.md §1). Every model in this crate builds its layers
 //! from this module, which composes them from ops whose backward candle implements (matmul, conv2d,
 //! exp, sum, sqrt, ...). It is the only place that calls candle's raw layers, so one change here
-//! (a custom op for frozen weights, a chunked attention) swaps the layer everywhere.
+//! swaps the layer everywhere.
+//!
+//! Frozen weights (plain tensors, as loaded from a checkpoint) take a faster path: the layer
+//! computes its output without a graph and attaches a hand-written backward that returns the
+//! input gradient only ([`attach`]), so candle never forms, nor keeps, a gradient for a weight
+//! (SPEC.md §1: that cost SD 1.5 3x the backward time and 2.4x the memory). Attention recomputes
+//! its softmax in the backward pass block by block instead of keeping it ([`attention`]).
+//! Trainable weights (`Var`s, e.g. the NeTI mapper's) keep the plain composition, whose candle
+//! backward covers the weights too.
+
+mod attach;
+mod attention;
+mod conv;
+
+pub use attach::{attach, Backward};
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
+
+/// True when a weight needs a gradient (a `Var`, or computed from one).
+fn trainable(w: &Tensor, b: Option<&Tensor>) -> bool {
+    w.track_op() || b.is_some_and(|b| b.track_op())
+}
 
 /// A dense layer `y = x W^T + b`, weights in the PyTorch `[out, in]` layout.
 #[derive(Clone, Debug)]
@@ -32,24 +51,45 @@ impl Linear {
     }
 }
 
+/// `x W^T (+ b)` over the last dimension of `x` (contiguous), as one matrix product.
+fn linear_plain(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let wt = w.t()?;
+    let y = match x.dims() {
+        [b1, b2, m, k] => x
+            .reshape((b1 * b2 * m, *k))?
+            .matmul(&wt)?
+            .reshape((*b1, *b2, *m, ()))?,
+        [b, m, k] => x.reshape((b * m, *k))?.matmul(&wt)?.reshape((*b, *m, ()))?,
+        _ => x.matmul(&wt)?,
+    };
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's CPU matmul is wrong for some non-contiguous batched inputs (SPEC.md §1).
         let x = x.contiguous()?;
-        let w = self.weight.t()?;
-        let y = match x.dims() {
-            [b1, b2, m, k] => {
-                x.reshape((b1 * b2 * m, *k))?
-                    .matmul(&w)?
-                    .reshape((*b1, *b2, *m, ()))?
-            }
-            [b, m, k] => x.reshape((b * m, *k))?.matmul(&w)?.reshape((*b, *m, ()))?,
-            _ => x.matmul(&w)?,
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        if trainable(&self.weight, self.bias.as_ref()) {
+            return linear_plain(&x, &self.weight, self.bias.as_ref());
         }
+        let y = linear_plain(&x.detach(), &self.weight, self.bias.as_ref())?;
+        let w = self.weight.clone();
+        attach(
+            "linear-frozen",
+            &[&x],
+            y,
+            Box::new(move |args, _, g| {
+                // dL/dx = g W, on the rows flattened to a matrix.
+                let dims = args[0].dims().to_vec();
+                let out = w.dim(0)?;
+                let rows = g.elem_count() / out;
+                let dx = g.contiguous()?.reshape((rows, out))?.matmul(&w)?;
+                Ok(vec![Some(dx.reshape(dims)?)])
+            }),
+        )
     }
 }
 
@@ -84,11 +124,20 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
-            None => Ok(y),
+        if trainable(&self.weight, self.bias.as_ref()) {
+            let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+                None => Ok(y),
+            };
         }
+        conv::conv2d_frozen(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
     }
 }
 
@@ -118,24 +167,77 @@ impl GroupNorm {
     }
 }
 
+/// `(x - mean) / sqrt(var + eps)` and `1 / sqrt(var + eps)` over the last dimension of `x`
+/// (biased variance, as PyTorch).
+fn normalize_last(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let rstd = (var + eps)?.sqrt()?.recip()?;
+    Ok((xc.broadcast_mul(&rstd)?, rstd))
+}
+
+/// Input gradient of `y = xhat * w + b` with `xhat` normalised over the last dimension:
+/// `(gw - mean(gw) - xhat * mean(gw * xhat)) * rstd` with `gw = g * w`, all `[rows, n]`.
+fn normalize_last_backward(gw: &Tensor, xhat: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+    let m1 = gw.mean_keepdim(D::Minus1)?;
+    let m2 = (gw * xhat)?.mean_keepdim(D::Minus1)?;
+    gw.broadcast_sub(&m1)?
+        .sub(&xhat.broadcast_mul(&m2)?)?
+        .broadcast_mul(rstd)
+}
+
+impl GroupNorm {
+    /// The per-channel affine parameters shaped to broadcast over `[B, C, ...]` of rank `rank`.
+    fn affine_shape(&self, rank: usize, c: usize) -> Vec<usize> {
+        let mut wd = vec![1usize; rank];
+        wd[1] = c;
+        wd
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
+        let c = dims[1];
         let dtype = x.dtype();
-        let xg = x
-            .reshape((b, self.groups, ()))?
-            .to_dtype(stat_dtype(dtype))?;
-        let mean = xg.mean_keepdim(2)?;
-        let xc = xg.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(2)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let mut wd = vec![1usize; dims.len()];
-        wd[1] = c;
-        xn.to_dtype(dtype)?
-            .reshape(dims)?
-            .broadcast_mul(&self.weight.reshape(wd.clone())?)?
-            .broadcast_add(&self.bias.reshape(wd)?)
+        let wd = self.affine_shape(dims.len(), c);
+        let (w, bias) = (self.weight.reshape(wd.clone())?, self.bias.reshape(wd)?);
+        let groups = self.groups;
+        let eps = self.eps;
+        let grouped = move |x: &Tensor| {
+            x.reshape((x.dim(0)?, groups, ()))?
+                .to_dtype(stat_dtype(x.dtype()))
+        };
+        if trainable(&self.weight, Some(&self.bias)) {
+            let xg = grouped(x)?;
+            let mean = xg.mean_keepdim(2)?;
+            let xc = xg.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(2)?;
+            let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+            return xn
+                .to_dtype(dtype)?
+                .reshape(dims)?
+                .broadcast_mul(&w)?
+                .broadcast_add(&bias);
+        }
+        let (xn, _) = normalize_last(&grouped(&x.detach())?, eps)?;
+        let y = xn
+            .to_dtype(dtype)?
+            .reshape(dims.clone())?
+            .broadcast_mul(&w)?
+            .broadcast_add(&bias)?;
+        attach(
+            "group-norm-frozen",
+            &[x],
+            y,
+            Box::new(move |args, _, g| {
+                let (xhat, rstd) = normalize_last(&grouped(&args[0].detach())?, eps)?;
+                let gw = grouped(&g.broadcast_mul(&w)?)?;
+                let dx = normalize_last_backward(&gw, &xhat, &rstd)?;
+                Ok(vec![Some(dx.to_dtype(dtype)?.reshape(dims.clone())?)])
+            }),
+        )
     }
 }
 
@@ -170,12 +272,29 @@ impl Module for LayerNorm {
 /// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension (biased variance, as PyTorch).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(stat_dtype(dtype))?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    xn.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b)
+    if trainable(w, Some(b)) {
+        let x = x.to_dtype(stat_dtype(dtype))?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+        return xn.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b);
+    }
+    let sd = stat_dtype(dtype);
+    let (xn, _) = normalize_last(&x.detach().to_dtype(sd)?, eps)?;
+    let y = xn.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b)?;
+    let w = w.clone();
+    attach(
+        "layer-norm-frozen",
+        &[x],
+        y,
+        Box::new(move |args, _, g| {
+            let (xhat, rstd) = normalize_last(&args[0].detach().to_dtype(sd)?, eps)?;
+            let gw = g.broadcast_mul(&w)?.to_dtype(sd)?;
+            let dx = normalize_last_backward(&gw, &xhat, &rstd)?;
+            Ok(vec![Some(dx.to_dtype(dtype)?)])
+        }),
+    )
 }
 
 /// Statistics of half-precision activations are computed in f32; f32 and f64 stay as they are.
@@ -196,8 +315,18 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Scaled dot-product attention on `[batch, heads, seq, head_dim]` tensors, with an optional
-/// additive mask broadcastable to `[batch, heads, q_len, k_len]`.
+/// additive mask (no gradient) broadcastable to `[batch, heads, q_len, k_len]`. The softmax is
+/// never kept for the backward pass, which recomputes it block by block.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    if mask.is_some_and(|m| m.track_op()) {
+        return attention_composed(q, k, v, mask);
+    }
+    attention::attention_blocks(q, k, v, mask)
+}
+
+/// Attention composed from differentiable ops (also differentiable in the mask); keeps the
+/// softmax for the backward pass.
+fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let q = q.contiguous()?;
     let kt = k.transpose(D::Minus2, D::Minus1)?.contiguous()?;
@@ -222,6 +351,25 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.contiguous()?.reshape((b, n, h * d))
 }
 
+/// `x + c`, broadcasting `c` to the shape of `x`. When `c` needs no gradient (a timestep
+/// embedding, a position table), the backward pass hands `x` the output gradient and forms none
+/// for `c` (candle's broadcast add would form, and keep, a full-size one).
+pub fn broadcast_add(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if c.track_op() {
+        return x.broadcast_add(c);
+    }
+    let y = x.detach().broadcast_add(c)?;
+    if y.dims() != x.dims() {
+        return x.broadcast_add(c);
+    }
+    attach(
+        "add-constant",
+        &[x],
+        y,
+        Box::new(|_, _, g| Ok(vec![Some(g.clone())])),
+    )
+}
+
 /// `x * sigmoid(1.702 x)`: CLIP's quick GELU.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
@@ -235,4 +383,143 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
         .broadcast_as((b, c, h, 2, w, 2))?
         .contiguous()?
         .reshape((b, c, h * 2, w * 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        crate::rng::Rng::new(seed)
+            .randn(shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Run `layer(x)` with frozen weights and with the same weights as `Var`s (candle's own
+    /// backward); outputs and input gradients must agree, and the frozen run must form no
+    /// gradient for any weight.
+    fn check_frozen_matches_trainable(
+        name: &str,
+        x0: &Tensor,
+        weights: &[Tensor],
+        layer: impl Fn(&Tensor, &[Tensor]) -> Tensor,
+    ) {
+        let x = Var::from_tensor(x0).unwrap();
+        let y = layer(x.as_tensor(), weights);
+        let r = randn(y.dims(), 99);
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g.get(x.as_tensor()).expect("input gradient");
+        for w in weights {
+            assert!(g.get(w).is_none(), "{name}: a frozen weight got a gradient");
+        }
+        let vars: Vec<Var> = weights
+            .iter()
+            .map(|w| Var::from_tensor(w).unwrap())
+            .collect();
+        let wt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let xr = Var::from_tensor(x0).unwrap();
+        let yr = layer(xr.as_tensor(), &wt);
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(&y, &yr) < 1e-10, "{name}: forward");
+        let dx_ref = gr.get(xr.as_tensor()).unwrap();
+        assert!(max_diff(dx, dx_ref) < 1e-10, "{name}: input gradient");
+        for v in &vars {
+            assert!(
+                gr.get(v.as_tensor()).is_some(),
+                "{name}: trainable weight lost its gradient"
+            );
+        }
+    }
+
+    #[test]
+    fn frozen_linear_matches_trainable() {
+        for (shape, seed) in [(vec![5, 6], 1), (vec![2, 3, 6], 2), (vec![2, 2, 3, 6], 3)] {
+            check_frozen_matches_trainable(
+                "linear",
+                &randn(&shape, seed),
+                &[randn(&[4, 6], 10), randn(&[4], 11)],
+                |x, w| {
+                    Linear::from_tensors(w[0].clone(), Some(w[1].clone()))
+                        .forward(x)
+                        .unwrap()
+                },
+            );
+        }
+        // Non-contiguous input.
+        let x = randn(&[3, 6, 2], 4).transpose(1, 2).unwrap();
+        check_frozen_matches_trainable("linear-t", &x, &[randn(&[4, 6], 12)], |x, w| {
+            Linear::from_tensors(w[0].clone(), None).forward(x).unwrap()
+        });
+    }
+
+    #[test]
+    fn frozen_conv_matches_trainable() {
+        for (stride, pad, k) in [(1, 1, 3), (2, 1, 3), (1, 0, 1)] {
+            check_frozen_matches_trainable(
+                "conv",
+                &randn(&[2, 3, 6, 6], 5),
+                &[randn(&[4, 3, k, k], 13), randn(&[4], 14)],
+                |x, w| {
+                    Conv2d {
+                        weight: w[0].clone(),
+                        bias: Some(w[1].clone()),
+                        stride,
+                        padding: pad,
+                    }
+                    .forward(x)
+                    .unwrap()
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn frozen_norms_match_trainable() {
+        let w = (randn(&[6], 15) + 1.0).unwrap();
+        let b = randn(&[6], 16);
+        check_frozen_matches_trainable(
+            "group-norm",
+            &randn(&[2, 6, 3, 4], 6),
+            &[w.clone(), b.clone()],
+            |x, w| {
+                GroupNorm {
+                    weight: w[0].clone(),
+                    bias: w[1].clone(),
+                    groups: 3,
+                    eps: 1e-5,
+                }
+                .forward(x)
+                .unwrap()
+            },
+        );
+        check_frozen_matches_trainable("layer-norm", &randn(&[2, 5, 6], 7), &[w, b], |x, w| {
+            LayerNorm::from_tensors(w[0].clone(), w[1].clone(), 1e-5)
+                .forward(x)
+                .unwrap()
+        });
+    }
+
+    #[test]
+    fn broadcast_add_of_a_constant() {
+        let c = randn(&[1, 4, 1, 1], 8);
+        check_frozen_matches_trainable("add", &randn(&[2, 4, 3, 3], 9), &[], |x, _| {
+            broadcast_add(x, &c).unwrap()
+        });
+    }
 }

@@ -230,7 +230,7 @@ impl TextEncoder {
     pub fn encode_embeddings_pre_ln(&self, embeds: &Tensor) -> Result<Tensor> {
         let (_, l, _) = embeds.dims3()?;
         let pos = self.position_embedding.narrow(0, 0, l)?;
-        let mut x = embeds.broadcast_add(&pos.to_dtype(embeds.dtype())?)?;
+        let mut x = nn::broadcast_add(embeds, &pos.to_dtype(embeds.dtype())?)?;
         let mask = causal_mask(l, self.device())?.to_dtype(embeds.dtype())?;
         for layer in &self.layers {
             x = layer.forward(&x, &mask)?;

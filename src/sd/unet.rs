@@ -244,7 +244,7 @@ impl ResnetBlock {
         let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
         // 2. add the projected time embedding per channel
         let t = self.time_emb_proj.forward(&temb.silu()?)?;
-        let h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        let h = nn::broadcast_add(&h, &t.unsqueeze(2)?.unsqueeze(3)?)?;
         // 3. norm -> silu -> (dropout: identity) -> conv
         let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
         // 4. residual (output_scale_factor 1)

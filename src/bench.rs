@@ -1,0 +1,518 @@
+//! Step benchmarks on random weights of the real SD 1.5 size: a Textual Inversion training step,
+//! a NeTI-style training step and a guided sampling step, timed as SPEC.md §7's PyTorch reference
+//! was (text encoder + UNet forward, MSE, backward to the learned rows; UNet forward on batch 2).
+//!
+//! The models are built from the shipped `configs/sd15/*/config.json` through a [`VarBuilder`]
+//! whose backend generates every tensor from a seed and its name ([`RandomWeights`]), so no
+//! checkpoint is needed and two runs see the same bytes. Weights are plain tensors (frozen, no
+//! gradient), exactly as when loaded from a checkpoint; only the inputs the step trains are
+//! [`Var`]s. Peak memory is the process's `VmHWM`, so each case is meant to run in a fresh
+//! process (the `bench` verb re-executes itself per case).
+
+use crate::personalize::neti;
+use crate::rng::Rng;
+use crate::sd::text_encoder::{TextConfig, TextEncoder};
+use crate::sd::unet::{Conditioning, UNet, UNetConfig};
+use candle_core::{DType, Device, Result, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// SD 1.5's `unet/config.json`, as published (stable-diffusion-v1-5, main).
+pub const SD15_UNET_CONFIG: &str = include_str!("../configs/sd15/unet/config.json");
+/// SD 1.5's `text_encoder/config.json`, as published.
+pub const SD15_TEXT_CONFIG: &str = include_str!("../configs/sd15/text_encoder/config.json");
+
+/// Standard deviation of the random weights: small enough that activations stay finite through
+/// the 12 text layers and the UNet, as in CLIP's own initialiser (`initializer_range` 0.02).
+pub const DEFAULT_STD: f64 = 0.02;
+
+/// The NeTI bypass strength (SPEC.md §4).
+const NETI_ALPHA: f64 = 0.2;
+
+/// What one benchmark case times.
+#[derive(
+    clap::ValueEnum,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+)]
+pub enum Case {
+    /// Textual Inversion step: text encoder + UNet forward on batch 1, MSE on the noise,
+    /// backward to one learned token row.
+    #[value(name = "ti")]
+    #[serde(rename = "ti")]
+    Ti,
+    /// NeTI-style step: the text encoder on 16 prompts at once (one learned word vector per
+    /// cross-attention layer, with the textual bypass on the values), the UNet with per-layer
+    /// key/value contexts, MSE, backward to the 16 mapper outputs `[16, 1536]`.
+    #[value(name = "neti")]
+    #[serde(rename = "neti")]
+    Neti,
+    /// One guided sampling step: UNet forward on batch 2 (unconditional + conditional), no
+    /// gradient.
+    #[value(name = "sample")]
+    #[serde(rename = "sample")]
+    Sample,
+}
+
+impl Case {
+    pub const ALL: [Case; 3] = [Case::Ti, Case::Neti, Case::Sample];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Case::Ti => "ti",
+            Case::Neti => "neti",
+            Case::Sample => "sample",
+        }
+    }
+
+    /// True when the case runs a backward pass.
+    pub fn trains(self) -> bool {
+        matches!(self, Case::Ti | Case::Neti)
+    }
+}
+
+/// PyTorch 2.15 on this 2-core machine (SPEC.md §7: diffusers 0.42 + transformers 5.24, f32,
+/// random SD 1.5-size weights, median of 2-3 runs): `(seconds, peak RSS in GiB if measured)`.
+pub fn pytorch_reference(case: Case, size: usize) -> Option<(f64, Option<f64>)> {
+    match (case, size) {
+        (Case::Ti, 256) => Some((4.3, Some(5.1))),
+        (Case::Ti, 512) => Some((13.1, Some(6.3))),
+        (Case::Sample, 256) => Some((3.6, None)),
+        (Case::Sample, 512) => Some((12.2, None)),
+        _ => None,
+    }
+}
+
+/// A [`SimpleBackend`] that makes up every tensor it is asked for: uniform values with standard
+/// deviation `std`, from a stream seeded by `(seed, name)`, so a tensor does not depend on the
+/// order the model asks for them. Normalisation layers get weight 1 and bias 0 (their
+/// initialisation in PyTorch), which keeps activations at unit scale.
+#[derive(Clone, Debug)]
+pub struct RandomWeights {
+    pub seed: u64,
+    pub std: f64,
+}
+
+impl RandomWeights {
+    /// A [`VarBuilder`] over these random tensors.
+    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+
+    fn values(&self, name: &str, n: usize) -> Vec<f32> {
+        let leaf = name.rsplit('.').nth(1).unwrap_or("");
+        let last = name.rsplit('.').next().unwrap_or("");
+        if leaf.contains("norm") {
+            return vec![if last == "weight" { 1.0 } else { 0.0 }; n];
+        }
+        // SplitMix64: plenty for weights, and fast enough for SD 1.5's ~1e9 values.
+        let mut state = Rng::derive_seed(&[&self.seed.to_string(), name]);
+        let half_width = (self.std * 3f64.sqrt()) as f32;
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_add(0x9E3779B97F4A7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+                z ^= z >> 31;
+                let u = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                (2.0 * u - 1.0) * half_width
+            })
+            .collect()
+    }
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let v = self.values(name, s.elem_count());
+        Tensor::from_vec(v, s, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        candle_core::bail!("random weights: {name} was requested without a shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// The frozen models a case runs.
+pub struct BenchModels {
+    pub text_encoder: TextEncoder,
+    pub unet: UNet,
+}
+
+impl BenchModels {
+    /// Build the text encoder and the UNet from their configs with [`RandomWeights`].
+    pub fn random(
+        text_cfg: &TextConfig,
+        unet_cfg: &UNetConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let weights = |part: &str| {
+            RandomWeights {
+                seed: Rng::derive_seed(&[&seed.to_string(), part]),
+                std: DEFAULT_STD,
+            }
+            .var_builder(DType::F32, device)
+        };
+        Ok(Self {
+            text_encoder: TextEncoder::new(weights("text_encoder"), text_cfg)?,
+            unet: UNet::new(weights("unet"), unet_cfg)?,
+        })
+    }
+}
+
+/// Wall-clock times of one run of a case, in seconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunTimes {
+    /// Forward pass (text encoder + UNet + loss; the UNet alone for `sample`).
+    pub forward_s: f64,
+    /// Backward pass (0 for `sample`).
+    pub backward_s: f64,
+}
+
+impl RunTimes {
+    pub fn total_s(&self) -> f64 {
+        self.forward_s + self.backward_s
+    }
+}
+
+/// Median of a non-empty list (the mean of the two middle values for even lengths); `NaN` when
+/// empty.
+pub fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The fixed inputs of a case at one image size.
+pub struct CaseInputs {
+    case: Case,
+    /// Noisy latents `[B, 4, size/8, size/8]`.
+    latents: Tensor,
+    /// The regression target (the noise).
+    target: Tensor,
+    /// Per-sample timesteps `[B]`.
+    t: Tensor,
+    /// Token ids `[B, 77]` with one placeholder id (= vocab size) after "a photo of a".
+    ids: Tensor,
+    placeholder_pos: usize,
+    /// The initial trainable rows: `[1, D]` (ti) or `[16, 2D]` (neti: word + bypass).
+    init_rows: Tensor,
+    /// Conditioning for `sample`: `[2, 77, D]`.
+    context: Tensor,
+}
+
+impl CaseInputs {
+    pub fn new(models: &BenchModels, case: Case, size: usize, seed: u64) -> Result<Self> {
+        if size == 0 || size % 8 != 0 {
+            candle_core::bail!("image size {size} is not a positive multiple of 8");
+        }
+        let dev = models.text_encoder.device().clone();
+        let tc = &models.text_encoder.config;
+        let d = tc.hidden_size;
+        let len = tc.max_position_embeddings;
+        let layers = models.unet.config.num_cross_attention_layers();
+        let mut rng = Rng::new(Rng::derive_seed(&[
+            "bench",
+            case.name(),
+            &size.to_string(),
+            &seed.to_string(),
+        ]));
+        let batch = match case {
+            Case::Ti | Case::Neti => 1,
+            Case::Sample => 2,
+        };
+        let h = size / 8;
+        let c = models.unet.config.in_channels;
+        let latents = rng.randn((batch, c, h, h), &dev)?;
+        let target = rng.randn((batch, models.unet.config.out_channels, h, h), &dev)?;
+        let t = Tensor::from_vec(vec![500u32; batch], batch, &dev)?;
+        // "a photo of a <v*>": BOS, four words, the placeholder, EOS padding (CLIP's ids).
+        let placeholder = tc.vocab_size as u32;
+        let placeholder_pos = 5;
+        let mut row = vec![49406u32, 320, 1125, 539, 320, placeholder];
+        row.resize(len, 49407);
+        let text_rows = match case {
+            Case::Neti => layers,
+            _ => 1,
+        };
+        let ids = Tensor::from_vec(row.repeat(text_rows), (text_rows, len), &dev)?;
+        let init_rows = match case {
+            Case::Neti => (rng.randn((layers, 2 * d), &dev)? * 0.02)?,
+            _ => (rng.randn((1, d), &dev)? * 0.02)?,
+        };
+        let context = rng.randn((2, len, d), &dev)?;
+        Ok(Self {
+            case,
+            latents,
+            target,
+            t,
+            ids,
+            placeholder_pos,
+            init_rows,
+            context,
+        })
+    }
+}
+
+/// Run a case once: forward (and backward for the training cases), checking that the learned
+/// rows get a finite, non-zero gradient.
+pub fn run_once(models: &BenchModels, inputs: &CaseInputs) -> Result<RunTimes> {
+    let te = &models.text_encoder;
+    let unet = &models.unet;
+    let start = Instant::now();
+    match inputs.case {
+        Case::Sample => {
+            let out = unet.forward(
+                &inputs.latents,
+                &inputs.t,
+                &Conditioning::Shared(inputs.context.clone()),
+            )?;
+            // Classifier-free guidance on the two halves, as a sampler does.
+            let u = out.narrow(0, 0, 1)?;
+            let c = out.narrow(0, 1, 1)?;
+            let eps = (&u + ((&c - &u)? * 7.5)?)?;
+            check_finite("guided noise prediction", &eps)?;
+            Ok(RunTimes {
+                forward_s: start.elapsed().as_secs_f64(),
+                backward_s: 0.0,
+            })
+        }
+        Case::Ti => {
+            let rows = Var::from_tensor(&inputs.init_rows)?;
+            let ctx = te.forward(&inputs.ids, Some(rows.as_tensor()))?;
+            let out = unet.forward(&inputs.latents, &inputs.t, &Conditioning::Shared(ctx))?;
+            let loss = (out - &inputs.target)?.sqr()?.mean_all()?;
+            backward_to(loss, rows, start)
+        }
+        Case::Neti => {
+            let out_rows = Var::from_tensor(&inputs.init_rows)?;
+            let (layers, two_d) = out_rows.dims2()?;
+            let d = two_d / 2;
+            let word = out_rows.narrow(1, 0, d)?.unsqueeze(1)?; // [16, 1, D]
+            let bypass = out_rows.narrow(1, d, d)?; // [16, D]
+            let emb = te.embed_tokens(&inputs.ids, Some(&word))?;
+            let e = te.encode_embeddings_pre_ln(&emb)?; // [16, 77, D]
+            let pos = vec![inputs.placeholder_pos; layers];
+            let keys = te.final_layer_norm(&e)?;
+            let values = te.final_layer_norm(&neti::bypass(&e, &pos, &bypass, NETI_ALPHA)?)?;
+            let cond = Conditioning::PerLayer(
+                (0..layers)
+                    .map(|l| Ok((keys.narrow(0, l, 1)?, values.narrow(0, l, 1)?)))
+                    .collect::<Result<Vec<_>>>()?,
+            );
+            let out = unet.forward(&inputs.latents, &inputs.t, &cond)?;
+            let loss = (out - &inputs.target)?.sqr()?.mean_all()?;
+            backward_to(loss, out_rows, start)
+        }
+    }
+}
+
+fn backward_to(loss: Tensor, rows: Var, start: Instant) -> Result<RunTimes> {
+    check_finite("loss", &loss)?;
+    let forward_s = start.elapsed().as_secs_f64();
+    let mid = Instant::now();
+    let grads = loss.backward()?;
+    let grad = grads
+        .get(rows.as_tensor())
+        .ok_or_else(|| candle_core::Error::Msg("the learned rows got no gradient".into()))?;
+    check_finite("gradient", grad)?;
+    let gmax = grad.abs()?.max_all()?.to_scalar::<f32>()?;
+    if gmax == 0.0 {
+        candle_core::bail!("the gradient to the learned rows is zero");
+    }
+    drop(grads);
+    Ok(RunTimes {
+        forward_s,
+        backward_s: mid.elapsed().as_secs_f64(),
+    })
+}
+
+fn check_finite(what: &str, t: &Tensor) -> Result<()> {
+    let s = t
+        .to_dtype(DType::F32)?
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if !s.is_finite() {
+        candle_core::bail!("the {what} is not finite: the random weights blew up");
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process so far (`VmHWM` of `/proc/self/status`), in bytes;
+/// `None` where procfs is missing.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|k| k * 1024)
+}
+
+/// Memory the kernel reports as available for new work (`MemAvailable` of `/proc/meminfo`), in
+/// bytes; `None` where procfs is missing.
+pub fn mem_available_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_kib(&s, "MemAvailable:").map(|k| k * 1024)
+}
+
+fn proc_status_kib(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_kib(&s, key)
+}
+
+fn parse_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// The measurement of one case at one size, as a child process reports it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CaseResult {
+    pub case: Case,
+    pub size: usize,
+    /// Every run, in order.
+    pub runs: Vec<RunTimes>,
+    /// Median of the runs' totals, seconds.
+    pub median_s: f64,
+    pub median_forward_s: f64,
+    pub median_backward_s: f64,
+    /// Seconds to build the random-weight models (not part of any run).
+    pub build_s: f64,
+    /// Peak resident memory of the whole process (models included), bytes.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Build the models and run `case` at `size` `runs` times.
+pub fn measure(
+    text_cfg: &TextConfig,
+    unet_cfg: &UNetConfig,
+    case: Case,
+    size: usize,
+    runs: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<CaseResult> {
+    if runs == 0 {
+        candle_core::bail!("runs must be at least 1");
+    }
+    let start = Instant::now();
+    let models = BenchModels::random(text_cfg, unet_cfg, seed, device)?;
+    let inputs = CaseInputs::new(&models, case, size, seed)?;
+    let build_s = start.elapsed().as_secs_f64();
+    let mut all = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        all.push(run_once(&models, &inputs)?);
+    }
+    let pick = |f: fn(&RunTimes) -> f64| median(&all.iter().map(f).collect::<Vec<_>>());
+    Ok(CaseResult {
+        case,
+        size,
+        median_s: pick(RunTimes::total_s),
+        median_forward_s: pick(|r| r.forward_s),
+        median_backward_s: pick(|r| r.backward_s),
+        runs: all,
+        build_s,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_lists() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn random_weights_are_deterministic_and_small() {
+        let w = RandomWeights { seed: 7, std: 0.02 };
+        let a = w.values("down_blocks.0.resnets.0.conv1.weight", 10_000);
+        let b = w.values("down_blocks.0.resnets.0.conv1.weight", 10_000);
+        let c = w.values("down_blocks.0.resnets.0.conv2.weight", 10_000);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
+        let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!(mean.abs() < 1e-3, "mean {mean}");
+        assert!((var.sqrt() - 0.02).abs() < 1e-3, "std {}", var.sqrt());
+        assert_eq!(
+            w.values("mid_block.resnets.0.norm1.weight", 3),
+            vec![1.0; 3]
+        );
+        assert_eq!(
+            w.values("text_model.final_layer_norm.bias", 2),
+            vec![0.0; 2]
+        );
+    }
+
+    #[test]
+    fn parses_proc_fields() {
+        let s = "Name:\tx\nVmHWM:\t  123456 kB\nVmRSS:\t 42 kB\n";
+        assert_eq!(parse_kib(s, "VmHWM:"), Some(123456));
+        assert_eq!(parse_kib(s, "VmPeak:"), None);
+        assert!(peak_rss_bytes().unwrap_or(1) > 0);
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let u: UNetConfig = serde_json::from_str(SD15_UNET_CONFIG).unwrap();
+        u.validate().unwrap();
+        assert_eq!(u.num_cross_attention_layers(), 16);
+        let t: TextConfig = serde_json::from_str(SD15_TEXT_CONFIG).unwrap();
+        assert_eq!(t.hidden_size, 768);
+    }
+
+    /// The tiny fixture models run every case end to end (values finite, gradient present).
+    #[test]
+    fn every_case_runs_on_the_tiny_models() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
+        let tc: TextConfig = serde_json::from_str(
+            &std::fs::read_to_string(root.join("text_encoder/config.json")).unwrap(),
+        )
+        .unwrap();
+        let uc: UNetConfig =
+            serde_json::from_str(&std::fs::read_to_string(root.join("unet/config.json")).unwrap())
+                .unwrap();
+        for case in Case::ALL {
+            let r = measure(&tc, &uc, case, 64, 2, 1, &Device::Cpu).unwrap();
+            assert_eq!(r.runs.len(), 2);
+            assert!(r.median_s > 0.0);
+            assert_eq!(r.median_backward_s > 0.0, case.trains());
+        }
+    }
+}

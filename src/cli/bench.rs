@@ -1,0 +1,334 @@
+//! `attractor bench`: time a TI training step, a NeTI-style step and a guided sampling step on
+//! random weights of the real SD 1.5 size (see `crate::bench`), and compare with SPEC.md §7's
+//! PyTorch figures. Each (case, size) runs in a fresh child process (this binary, re-executed
+//! with the hidden `--case`/`--size` flags), so its peak memory is its own, and under an
+//! address-space limit, so a case that does not fit fails alone instead of waking the OOM killer.
+
+use super::Common;
+use crate::bench::{self, Case, CaseResult};
+use crate::sd::text_encoder::TextConfig;
+use crate::sd::unet::UNetConfig;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Image sizes in pixels (multiples of 8), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![256usize, 512])]
+    pub sizes: Vec<usize>,
+    /// Cases to run, comma-separated: ti, neti, sample.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Case::ALL.to_vec())]
+    pub cases: Vec<Case>,
+    /// Runs per case; the table reports the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Address-space limit of each case's process, in GiB (default: 90 % of the memory
+    /// available when the case starts). A case over it fails as "out of memory".
+    #[arg(long)]
+    pub max_memory_gb: Option<f64>,
+    /// Internal: run this one case in this process and print its result as one JSON line.
+    #[arg(long, value_enum, hide = true)]
+    pub case: Option<Case>,
+    /// Internal: the image size of `--case`.
+    #[arg(long, hide = true)]
+    pub size: Option<usize>,
+}
+
+/// One row of the report.
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    case: Case,
+    size: usize,
+    /// `ok`, `out of memory` or `failed`.
+    status: String,
+    /// What went wrong, when status is not `ok`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<CaseResult>,
+    peak_rss_gib: Option<f64>,
+    pytorch_s: Option<f64>,
+    pytorch_rss_gib: Option<f64>,
+    /// Our median time over PyTorch's (lower is better).
+    time_ratio: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    device: String,
+    threads: usize,
+    runs: usize,
+    seed: u64,
+    weights: String,
+    rows: Vec<Row>,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.runs == 0 {
+        bail!("--runs 0: give at least one run per case");
+    }
+    if let Some(&s) = args.sizes.iter().find(|&&s| s == 0 || s % 8 != 0) {
+        bail!("--sizes {s}: image sizes must be positive multiples of 8 (e.g. --sizes 256,512)");
+    }
+    let (text_cfg, unet_cfg) = configs(&args.common)?;
+    let seed = args.common.seed.unwrap_or(0);
+    if let Some(case) = args.case {
+        let size = args
+            .size
+            .context("--case needs --size (it is set by the bench itself)")?;
+        let device = args.common.device()?;
+        let r = bench::measure(&text_cfg, &unet_cfg, case, size, args.runs, seed, &device)
+            .with_context(|| format!("bench case {} at {size} px", case.name()))?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+
+    let mut rows = Vec::new();
+    for &size in &args.sizes {
+        for &case in &args.cases {
+            eprintln!(
+                "bench: {} at {size} px, {} runs ...",
+                case.name(),
+                args.runs
+            );
+            let row = run_child(args, case, size)?;
+            eprintln!("{}", format_row(&row));
+            rows.push(row);
+        }
+    }
+    let report = Report {
+        device: args.common.device.clone().unwrap_or_else(|| "cpu".into()),
+        threads: candle_core::utils::get_num_threads(),
+        runs: args.runs,
+        seed,
+        weights: format!(
+            "random, uniform with std {} (norm layers 1/0), f32",
+            bench::DEFAULT_STD
+        ),
+        rows,
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", header())?;
+    for r in &report.rows {
+        writeln!(out, "{}", format_row(r))?;
+    }
+    writeln!(
+        out,
+        "ratio = ours / PyTorch 2.15 (SPEC.md §7, same 2-core machine); peak = VmHWM of the case's process, weights included"
+    )?;
+    if let Some(p) = &args.json {
+        crate::files::atomic_write(p, serde_json::to_string_pretty(&report)?.as_bytes())
+            .with_context(|| format!("--json {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// The SD 1.5 configs: the shipped ones, or `--model DIR`'s `unet/` and `text_encoder/`.
+fn configs(common: &Common) -> Result<(TextConfig, UNetConfig)> {
+    let (text, unet, origin) = match &common.model {
+        None => (
+            bench::SD15_TEXT_CONFIG.to_string(),
+            bench::SD15_UNET_CONFIG.to_string(),
+            "the bundled SD 1.5 configs".to_string(),
+        ),
+        Some(m) => {
+            let dir = Path::new(m);
+            if !dir.is_dir() {
+                bail!("--model {m}: bench builds random weights from configs only; give a local folder with unet/config.json and text_encoder/config.json, or leave --model out for SD 1.5's");
+            }
+            let read = |p: PathBuf| {
+                std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            (
+                read(dir.join("text_encoder/config.json"))?,
+                read(dir.join("unet/config.json"))?,
+                dir.display().to_string(),
+            )
+        }
+    };
+    let t: TextConfig = serde_json::from_str(&text).with_context(|| {
+        format!("text_encoder/config.json of {origin} is not a CLIP text config")
+    })?;
+    let u: UNetConfig = serde_json::from_str(&unet)
+        .with_context(|| format!("unet/config.json of {origin} is not a UNet config"))?;
+    u.validate()
+        .with_context(|| format!("unet/config.json of {origin}"))?;
+    Ok((t, u))
+}
+
+/// Run one case in a fresh process of this binary and read its JSON line.
+fn run_child(args: &BenchArgs, case: Case, size: usize) -> Result<Row> {
+    let exe = std::env::current_exe().context("cannot find this program to re-run it per case")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("bench")
+        .args(["--case", case.name()])
+        .args(["--size", &size.to_string()])
+        .args(["--runs", &args.runs.to_string()])
+        .args(["--seed", &args.common.seed.unwrap_or(0).to_string()]);
+    if let Some(d) = &args.common.device {
+        cmd.args(["--device", d]);
+    }
+    if let Some(m) = &args.common.model {
+        cmd.args(["--model", m]);
+    }
+    let limit = match args.max_memory_gb {
+        Some(g) if g > 0.0 => Some((g * GIB) as u64),
+        Some(g) => bail!("--max-memory-gb {g}: give a positive number of GiB"),
+        None => bench::mem_available_bytes().map(|b| b / 10 * 9),
+    };
+    if let Some(bytes) = limit {
+        limit_address_space(&mut cmd, bytes);
+    }
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot start the bench's child process")?;
+    let mut row = Row {
+        case,
+        size,
+        status: "ok".into(),
+        error: None,
+        result: None,
+        peak_rss_gib: None,
+        pytorch_s: None,
+        pytorch_rss_gib: None,
+        time_ratio: None,
+    };
+    if let Some((s, rss)) = bench::pytorch_reference(case, size) {
+        row.pytorch_s = Some(s);
+        row.pytorch_rss_gib = rss;
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let parsed = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .and_then(|l| serde_json::from_str::<CaseResult>(l).ok());
+    match (out.status.success(), parsed) {
+        (true, Some(r)) => {
+            row.peak_rss_gib = r.peak_rss_bytes.map(|b| b as f64 / GIB);
+            row.time_ratio = row.pytorch_s.map(|p| r.median_s / p);
+            row.result = Some(r);
+        }
+        (ok, _) => {
+            // A failed allocation aborts the child (SIGABRT) or the kernel kills it (SIGKILL).
+            let signalled = std::os::unix::process::ExitStatusExt::signal(&out.status);
+            let oom = matches!(signalled, Some(6) | Some(9));
+            row.status = if oom { "out of memory" } else { "failed" }.into();
+            row.error = Some(match (ok, signalled) {
+                (true, _) => "the child process printed no result".into(),
+                (false, Some(s)) => format!(
+                    "killed by signal {s}{}",
+                    limit
+                        .map(|b| format!(" (address-space limit {:.1} GiB)", b as f64 / GIB))
+                        .unwrap_or_default()
+                ),
+                (false, None) => format!("exit status {}", out.status),
+            });
+        }
+    }
+    Ok(row)
+}
+
+/// Cap the child's address space (`RLIMIT_AS`), so an allocation over it fails in the child.
+fn limit_address_space(cmd: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: bytes as libc::rlim_t,
+                rlim_max: bytes as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn header() -> String {
+    format!(
+        "{:<7}{:>6}{:>10}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}  {}",
+        "case",
+        "px",
+        "median s",
+        "fwd s",
+        "bwd s",
+        "peak GiB",
+        "PyTorch s",
+        "ratio",
+        "PyTorch GiB",
+        "status"
+    )
+}
+
+fn format_row(r: &Row) -> String {
+    let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
+    let res = r.result.as_ref();
+    format!(
+        "{:<7}{:>6}{:>10}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}  {}",
+        r.case.name(),
+        r.size,
+        f(res.map(|x| x.median_s), 2),
+        f(res.map(|x| x.median_forward_s), 2),
+        f(res.map(|x| x.median_backward_s), 2),
+        f(r.peak_rss_gib, 2),
+        f(r.pytorch_s, 1),
+        f(r.time_ratio, 2),
+        f(r.pytorch_rss_gib, 1),
+        match &r.error {
+            Some(e) => format!("{}: {e}", r.status),
+            None => r.status.clone(),
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        b: BenchArgs,
+    }
+
+    #[test]
+    fn flags_default_and_parse() {
+        let w = Wrap::try_parse_from(["x"]).unwrap();
+        assert_eq!(w.b.sizes, vec![256, 512]);
+        assert_eq!(w.b.cases, Case::ALL.to_vec());
+        assert_eq!(w.b.runs, 3);
+        let w =
+            Wrap::try_parse_from(["x", "--sizes", "128", "--cases", "ti,sample", "--runs", "1"])
+                .unwrap();
+        assert_eq!(w.b.sizes, vec![128]);
+        assert_eq!(w.b.cases, vec![Case::Ti, Case::Sample]);
+        assert_eq!(w.b.runs, 1);
+        assert!(Wrap::try_parse_from(["x", "--cases", "dreambooth"]).is_err());
+    }
+
+    #[test]
+    fn bad_flags_are_rejected() {
+        let w = Wrap::try_parse_from(["x", "--sizes", "250"]).unwrap();
+        let e = run(&w.b).unwrap_err().to_string();
+        assert!(e.contains("--sizes 250"), "{e}");
+        let w = Wrap::try_parse_from(["x", "--runs", "0"]).unwrap();
+        assert!(run(&w.b).unwrap_err().to_string().contains("--runs"));
+    }
+}

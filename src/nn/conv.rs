@@ -1,0 +1,345 @@
+//! 2-D convolution with frozen weights: forward as one matrix product over an im2col buffer,
+//! backward to the input only (no weight gradient is ever formed).
+//!
+//! im2col uses flat windows: with the input zero-padded to `Hp x Wp` and flattened per channel,
+//! the kernel tap `(kh, kw)` of a stride-1 convolution reads the contiguous run
+//! `[kh * Wp + kw, kh * Wp + kw + Ho * Wp)`, so every tap is one contiguous copy and the product
+//! yields the output on a `Ho x Wp` grid whose last `Wp - Wo` columns are dropped. The input
+//! gradient of a stride-1 convolution is either the same computation with the kernel flipped and
+//! transposed (cheap when the kernel is small next to the activation), or one product with the
+//! transposed kernel followed by col2im: nine shifted adds on the flat grid (cheap when the kernel
+//! is large next to the activation, as in SD's 8 x 8 and 4 x 4 levels). Strided convolutions (SD's
+//! three downsamplers) use candle's convolution forward and its transposed convolution for the
+//! input gradient, computed with the larger output padding and cropped, which also sidesteps
+//! candle's stride-2 backward bug for heights and widths of different parity (SPEC.md §1).
+
+use super::attach::attach;
+use candle_core::{Result, Tensor};
+
+/// Geometry of one convolution call.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    pad: usize,
+}
+
+impl Geom {
+    fn hp(&self) -> usize {
+        self.h + 2 * self.pad
+    }
+    fn wp(&self) -> usize {
+        self.w + 2 * self.pad
+    }
+    fn ho(&self) -> usize {
+        self.hp() + 1 - self.k
+    }
+    fn wo(&self) -> usize {
+        self.wp() + 1 - self.k
+    }
+}
+
+/// im2col of `x` `[B, C, H, W]` for a `k x k`, stride-1 kernel with `pad` zeros on every side:
+/// `[B, C * k * k, Ho * Wp]` on the padded-width output grid. `flip` lists the taps in reverse
+/// order (for the flipped kernel of the input gradient).
+fn im2col_flat(x: &Tensor, k: usize, pad: usize, flip: bool) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+    let ho = hp + 1 - k;
+    let len = ho * wp;
+    // One extra zero row keeps the last taps' runs (which reach k - 1 past the grid) in range.
+    let xp = x
+        .pad_with_zeros(2, pad, pad + 1)?
+        .pad_with_zeros(3, pad, pad)?
+        .reshape((b, c, (hp + 1) * wp))?;
+    let mut taps = Vec::with_capacity(k * k);
+    for t in 0..k * k {
+        let t = if flip { k * k - 1 - t } else { t };
+        let (kh, kw) = (t / k, t % k);
+        taps.push(xp.narrow(2, kh * wp + kw, len)?.unsqueeze(2)?);
+    }
+    Tensor::cat(&taps, 2)?.reshape((b, c * k * k, len))
+}
+
+/// `w2 [O, K] @ cols [B, K, L]` -> `[B, O, L]`.
+fn batched_left(w2: &Tensor, cols: &Tensor) -> Result<Tensor> {
+    let b = cols.dim(0)?;
+    let (o, kk) = w2.dims2()?;
+    w2.unsqueeze(0)?.broadcast_as((b, o, kk))?.matmul(cols)
+}
+
+/// Drop the padded-width grid's extra columns: `[B, O, Ho * Wp]` -> `[B, O, Ho, Wo]`.
+fn crop_grid(y: &Tensor, ho: usize, wp: usize, wo: usize) -> Result<Tensor> {
+    let (b, o, _) = y.dims3()?;
+    y.reshape((b, o, ho, wp))?.narrow(3, 0, wo)
+}
+
+/// Stride-1 `k x k` convolution of `x` (no graph) with `weight` `[O, C, k, k]` and an optional
+/// bias, as im2col + one matrix product.
+fn conv_s1(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, pad: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (o, _, k, _) = weight.dims4()?;
+    let g = Geom {
+        b,
+        c,
+        h,
+        w,
+        o,
+        k,
+        pad,
+    };
+    let y = if k == 1 && pad == 0 {
+        let y = batched_left(&weight.reshape((o, c))?, &x.reshape((b, c, h * w))?)?;
+        y.reshape((b, o, h, w))?
+    } else {
+        let cols = im2col_flat(x, k, pad, false)?;
+        let y = batched_left(&weight.reshape((o, c * k * k))?, &cols)?;
+        crop_grid(&y, g.ho(), g.wp(), g.wo())?
+    };
+    match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
+        None => y.contiguous(),
+    }
+}
+
+/// Input gradient of a stride-1 convolution: `g` `[B, O, Ho, Wo]` -> `[B, C, H, W]`.
+fn conv_s1_input_grad(g: &Tensor, weight: &Tensor, gm: Geom) -> Result<Tensor> {
+    let Geom {
+        b,
+        c,
+        h,
+        w,
+        o,
+        k,
+        pad,
+    } = gm;
+    if k == 1 && pad == 0 {
+        let wt = weight.reshape((o, c))?.t()?;
+        let g = g.contiguous()?.reshape((b, o, h * w))?;
+        return batched_left(&wt, &g)?.reshape((b, c, h, w));
+    }
+    let (ho, wo, wp) = (gm.ho(), gm.wo(), gm.wp());
+    let cols_len = c * k * k * ho * wp;
+    let weight_len = o * c * k * k;
+    if weight_len <= cols_len {
+        // The gradient is a convolution of g (padded by k - 1 - pad) with the flipped kernel,
+        // transposed to [C, O, k, k]; the flip is folded into the order of the im2col taps.
+        let wt = weight
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((c, o * k * k))?;
+        let cols = im2col_flat(g, k, k - 1 - pad, true)?;
+        let grid_w = wo + 2 * (k - 1 - pad);
+        let dx = batched_left(&wt, &cols)?;
+        // The flipped convolution's output grid is H x grid_w (grid_w = W + 2 pad' - k + 1 ... ).
+        return crop_grid(&dx, h, grid_w, w)?.contiguous();
+    }
+    // col2im: dcols = W^T g on the padded-width grid (extra columns zero), then every tap adds its
+    // run back at its flat offset in the padded input.
+    let g_grid = g.pad_with_zeros(3, 0, wp - wo)?.reshape((b, o, ho * wp))?;
+    let wt = weight.reshape((o, c * k * k))?.t()?;
+    let dcols = batched_left(&wt, &g_grid)?.reshape((b, c, k * k, ho * wp))?;
+    let (hp, len) = (gm.hp(), ho * wp);
+    let total = (hp + 1) * wp;
+    let mut acc: Option<Tensor> = None;
+    for t in 0..k * k {
+        let off = (t / k) * wp + t % k;
+        let run = dcols.narrow(2, t, 1)?.squeeze(2)?;
+        let placed = run.pad_with_zeros(2, off, total - off - len)?;
+        acc = Some(match acc {
+            None => placed,
+            Some(a) => (a + placed)?,
+        });
+    }
+    let acc = acc.ok_or_else(|| candle_core::Error::Msg("conv: empty kernel".into()))?;
+    acc.reshape((b, c, hp + 1, wp))?
+        .narrow(2, pad, h)?
+        .narrow(3, pad, w)?
+        .contiguous()
+}
+
+/// Input gradient of a strided convolution through candle's transposed convolution. The output
+/// padding differs per axis when H and W have different parity; candle takes one value for
+/// both, so use the larger one and crop.
+fn conv_strided_input_grad(
+    g: &Tensor,
+    weight: &Tensor,
+    x_dims: (usize, usize),
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let (h, w) = x_dims;
+    let (_, _, gh, gw) = g.dims4()?;
+    let k = weight.dim(2)?;
+    let full = |gi: usize| (gi - 1) * stride + k;
+    let op_h = (h + 2 * pad).saturating_sub(full(gh));
+    let op_w = (w + 2 * pad).saturating_sub(full(gw));
+    let out_pad = op_h.max(op_w);
+    let dx = g
+        .contiguous()?
+        .conv_transpose2d(weight, pad, out_pad, stride, 1)?;
+    let (_, _, dh, dw) = dx.dims4()?;
+    if dh == h && dw == w {
+        Ok(dx)
+    } else {
+        dx.narrow(2, 0, h)?.narrow(3, 0, w)?.contiguous()
+    }
+}
+
+/// `conv2d(x, weight) + bias` with a frozen `weight` `[O, C, k, k]` (square kernel, square
+/// padding, dilation 1, one group); differentiable in `x` only.
+pub fn conv2d_frozen(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (o, ci, k, kw) = weight.dims4()?;
+    if ci != c || kw != k {
+        candle_core::bail!(
+            "conv2d: input has {c} channels, kernel is {:?} (square kernels only)",
+            weight.dims()
+        );
+    }
+    let xd = x.detach();
+    let y = if stride == 1 {
+        conv_s1(&xd, weight, bias, pad)?
+    } else {
+        let y = xd.conv2d(weight, pad, stride, 1, 1)?;
+        match bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?)?,
+            None => y,
+        }
+    };
+    let weight = weight.clone();
+    let gm = Geom {
+        b,
+        c,
+        h,
+        w,
+        o,
+        k,
+        pad,
+    };
+    attach(
+        "conv2d-frozen",
+        &[x],
+        y,
+        Box::new(move |_, _, g| {
+            let dx = if stride == 1 {
+                conv_s1_input_grad(g, &weight, gm)?
+            } else {
+                conv_strided_input_grad(g, &weight, (h, w), stride, pad)?
+            };
+            Ok(vec![Some(dx)])
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut r = crate::rng::Rng::new(seed);
+        r.randn(shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Forward and input gradient agree with candle's own conv2d (whose backward is right for
+    /// these shapes) for every code path: 1x1, 3x3 with both gradient strategies, stride 2 with
+    /// H and W of the same and of different parity.
+    #[test]
+    fn matches_candle_conv2d() {
+        // (b, c, o, h, w, k, stride, pad)
+        let cases = [
+            (2, 3, 5, 6, 7, 1, 1, 0),
+            (1, 4, 3, 9, 8, 3, 1, 1), // small kernel, big map: flipped-kernel gradient
+            (2, 6, 40, 3, 4, 3, 1, 1), // big kernel, small map: col2im gradient
+            (1, 3, 4, 8, 8, 3, 2, 1), // stride 2, even
+            (1, 3, 4, 7, 7, 3, 2, 1), // stride 2, odd
+            (2, 2, 3, 7, 8, 3, 2, 1), // stride 2, mixed parity
+            (1, 2, 2, 6, 5, 3, 1, 0), // no padding
+        ];
+        for (i, &(b, c, o, h, w, k, stride, pad)) in cases.iter().enumerate() {
+            let x0 = randn(&[b, c, h, w], 10 + i as u64);
+            let wgt = randn(&[o, c, k, k], 20 + i as u64);
+            let bias = randn(&[o], 30 + i as u64);
+            let x = Var::from_tensor(&x0).unwrap();
+            let y = conv2d_frozen(x.as_tensor(), &wgt, Some(&bias), stride, pad).unwrap();
+            let y_ref = x0
+                .conv2d(&wgt, pad, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(y.dims(), y_ref.dims(), "case {i}");
+            assert!(max_diff(&y, &y_ref) < 1e-10, "case {i}: forward");
+            let r = randn(y.dims(), 40 + i as u64);
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = g.get(x.as_tensor()).unwrap();
+            // Reference input gradient: candle's own backward, except for a stride-2 kernel on H
+            // and W of different parity, where candle's is wrong (SPEC.md §1): there, central
+            // finite differences (exact up to rounding: the loss is linear in x).
+            if h % 2 == w % 2 || stride == 1 {
+                let xr = Var::from_tensor(&x0).unwrap();
+                let yr = xr.as_tensor().conv2d(&wgt, pad, stride, 1, 1).unwrap();
+                let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let dx_ref = gr.get(xr.as_tensor()).unwrap();
+                assert!(max_diff(dx, dx_ref) < 1e-10, "case {i}: gradient");
+            } else {
+                let base: Vec<f64> = x0.flatten_all().unwrap().to_vec1().unwrap();
+                let dxv: Vec<f64> = dx.flatten_all().unwrap().to_vec1().unwrap();
+                for j in [0, base.len() / 2, base.len() - 1] {
+                    let f = |d: f64| {
+                        let mut v = base.clone();
+                        v[j] += d;
+                        let t = Tensor::from_vec(v, x0.dims(), &Device::Cpu).unwrap();
+                        (t.conv2d(&wgt, pad, stride, 1, 1).unwrap() * &r)
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .to_scalar::<f64>()
+                            .unwrap()
+                    };
+                    let fd = (f(1e-6) - f(-1e-6)) / 2e-6;
+                    assert!(
+                        (fd - dxv[j]).abs() < 1e-6,
+                        "case {i} elem {j}: {fd} vs {}",
+                        dxv[j]
+                    );
+                }
+            }
+        }
+    }
+
+    /// With no tracked input the layer records nothing.
+    #[test]
+    fn untracked_input_records_no_op() {
+        let x = randn(&[1, 2, 4, 4], 1);
+        let wgt = randn(&[3, 2, 3, 3], 2);
+        let y = conv2d_frozen(&x, &wgt, None, 1, 1).unwrap();
+        assert!(!y.track_op());
+    }
+}
