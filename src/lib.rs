@@ -11,5 +11,6 @@ pub mod hub;
 pub mod pipeline;
 pub mod nn;
 pub mod personalize;
+pub mod report;
 pub mod rng;
 pub mod sd;

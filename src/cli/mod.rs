@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod sample;
 pub mod train;
 pub mod eval;
+pub mod report;
 
 /// The flags every verb takes (SPEC.md §0).
 #[derive(Args, Debug, Clone, Default)]
@@ -97,6 +98,8 @@ pub enum Verb {
     Fetch(fetch::FetchArgs),
     /// Score generations: split-test (default) or classic protocol, CLIP-T, CLIP-I, DINO.
     Eval(eval::EvalArgs),
+    /// Collect a sweep's evaluations: tables per split, schedule and method plots, report.html.
+    Report(report::ReportArgs),
 }
 
 /// Run the parsed command line.
@@ -106,5 +109,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Verb::Train(a) => train::run(&a),
         Verb::Fetch(a) => fetch::run(&a),
         Verb::Eval(args) => eval::run(&args),
+        Verb::Report(a) => report::run(&a),
     }
 }
