@@ -73,7 +73,7 @@ fn thumbnail(path: &Path, edge: u32) -> Result<Vec<u8>> {
 const STYLE: &str = "body{font-family:system-ui,-apple-system,'DejaVu Sans',sans-serif;margin:2em;color:#222}\
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}\
 th{background:#f2f2f2}td.l,th.l{text-align:left}td.best{font-weight:bold}\
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}\
+figure{margin:1em 0}figure img{max-width:min(100%,760px);border:1px solid #ddd}\
 .grid td{vertical-align:top;text-align:left}.grid img{margin:2px;border:1px solid #ddd}\
 .muted{color:#777;font-size:90%}code{background:#f5f5f5;padding:1px 4px}";
 
@@ -180,6 +180,35 @@ fn grid_html(samples: &[SampleSet], thumb: u32) -> Result<String> {
         let _ = write!(h, "<th class=l>{}</th>", escape(subj));
     }
     h.push_str("</tr>\n");
+    // The held-out test images the split-test samples are scored against.
+    let mut refs: BTreeMap<&str, Vec<&std::path::PathBuf>> = BTreeMap::new();
+    for s in samples {
+        let v = refs.entry(s.subject.as_str()).or_default();
+        for r in &s.references {
+            if !v.contains(&r) {
+                v.push(r);
+            }
+        }
+    }
+    if refs.values().any(|v| !v.is_empty()) {
+        h.push_str("<tr><td class=l colspan=2>held-out test images<br><span class=muted>(split-test references)</span></td>");
+        for subj in &subjects {
+            h.push_str("<td>");
+            for p in refs.get(subj.as_str()).into_iter().flatten() {
+                let png = thumbnail(p, thumb)?;
+                let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                let _ = write!(
+                    h,
+                    "<img src=\"{}\" title=\"{}\" alt=\"{}\">",
+                    data_uri(&png),
+                    escape(&name),
+                    escape(&name)
+                );
+            }
+            h.push_str("</td>");
+        }
+        h.push_str("</tr>\n");
+    }
     for (m, sch) in &rows {
         let _ = write!(
             h,

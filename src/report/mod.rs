@@ -431,6 +431,9 @@ pub struct SampleSet {
     pub subject: String,
     /// (image file, the prompt it was generated from).
     pub images: Vec<(PathBuf, String)>,
+    /// The held-out test images the split-test samples among them were scored against
+    /// (when the dataset is still where the evaluation found it).
+    pub references: Vec<PathBuf>,
 }
 
 /// Up to `per_cell` generated images of each entry, split-test first (then classic), by key.
@@ -441,24 +444,34 @@ pub fn samples(entries: &[Entry], per_cell: usize) -> Result<Vec<SampleSet>> {
         records.sort_by(|a: &Record, b: &Record| {
             ((a.split != Split::Test), &a.key).cmp(&((b.split != Split::Test), &b.key))
         });
-        let images = records
+        let chosen: Vec<&Record> = records
             .iter()
-            .filter_map(|r| {
+            .filter(|r| {
                 let p = Path::new(&r.image);
-                let p = if p.is_absolute() {
-                    p.to_path_buf()
-                } else {
-                    e.eval_dir.join(p)
-                };
-                p.is_file().then(|| (p, r.prompt.clone()))
+                p.is_absolute() && p.is_file() || e.eval_dir.join(p).is_file()
             })
             .take(per_cell)
             .collect();
+        let images = chosen
+            .iter()
+            .map(|r| (e.eval_dir.join(&r.image), r.prompt.clone()))
+            .collect();
+        let data = Path::new(&e.summary.config.data);
+        let mut references: Vec<PathBuf> = Vec::new();
+        for r in &chosen {
+            if let Some(t) = &r.test_image {
+                let p = data.join(&r.subject).join("test").join(t);
+                if p.is_file() && !references.contains(&p) {
+                    references.push(p);
+                }
+            }
+        }
         out.push(SampleSet {
             method: e.method.clone(),
             schedule: e.schedule.clone(),
             subject: e.subject.clone(),
             images,
+            references,
         });
     }
     Ok(out)
