@@ -13,5 +13,6 @@ pub mod hub;
 pub mod nn;
 pub mod personalize;
 pub mod pipeline;
+pub mod report;
 pub mod rng;
 pub mod sd;

@@ -15,6 +15,7 @@ pub mod train;
 pub mod dataset;
 pub mod eval;
 pub mod masks;
+pub mod report;
 
 /// The flags every verb takes (SPEC.md §0).
 #[derive(Args, Debug, Clone, Default)]
@@ -106,6 +107,8 @@ pub enum Verb {
     Eval(eval::EvalArgs),
     /// Time training and sampling steps on random SD 1.5-size weights against PyTorch.
     Bench(bench::BenchArgs),
+    /// Collect a sweep's evaluations: tables per split, schedule and method plots, report.html.
+    Report(report::ReportArgs),
 }
 
 /// Run the parsed command line.
@@ -118,5 +121,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Verb::Masks(args) => masks::run(&args),
         Verb::Eval(args) => eval::run(&args),
         Verb::Bench(a) => bench::run(&a),
+        Verb::Report(a) => report::run(&a),
     }
 }
