@@ -239,7 +239,10 @@ pub fn resolve_sd(source: &ModelSource, offline: bool) -> Result<SdFiles, HubErr
             "vae/diffusion_pytorch_model.fp16.safetensors",
         ])?,
         text_config: first(&["text_encoder/config.json"])?,
-        text_weights: first(&["text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"])?,
+        text_weights: first(&[
+            "text_encoder/model.safetensors",
+            "text_encoder/model.fp16.safetensors",
+        ])?,
         scheduler_config: first(&["scheduler/scheduler_config.json"])?,
         // The SD repo has no tokenizer.json; the CLIP repo's is the same BPE. Fall back to the
         // bundled copy when it cannot be had.
@@ -248,7 +251,9 @@ pub fn resolve_sd(source: &ModelSource, offline: bool) -> Result<SdFiles, HubErr
                 .iter()
                 .map(|c| dir.join(c))
                 .find(|p| p.is_file()),
-            ModelSource::Hub { .. } => resolve_file(TOKENIZER_REPO, "main", "tokenizer.json", offline).ok(),
+            ModelSource::Hub { .. } => {
+                resolve_file(TOKENIZER_REPO, "main", "tokenizer.json", offline).ok()
+            }
         },
         id: source.id(),
     })

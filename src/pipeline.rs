@@ -89,7 +89,9 @@ impl StableDiffusion {
         };
         let text_cfg: TextConfig = read_json(&files.text_config)?;
         let text = TextEncoder::new(open_weights(&files.text_weights, dtype, device)?, &text_cfg)
-            .with_context(|| format!("text encoder weights {}", files.text_weights.display()))?;
+            .with_context(|| {
+            format!("text encoder weights {}", files.text_weights.display())
+        })?;
         let unet_cfg: UNetConfig = read_json(&files.unet_config)?;
         unet_cfg
             .validate()
@@ -97,8 +99,11 @@ impl StableDiffusion {
         let unet = UNet::new(open_weights(&files.unet_weights, dtype, device)?, &unet_cfg)
             .with_context(|| format!("unet weights {}", files.unet_weights.display()))?;
         let vae_config: VaeConfig = read_json(&files.vae_config)?;
-        let vae = Vae::new(open_weights(&files.vae_weights, dtype, device)?, &vae_config)
-            .with_context(|| format!("vae weights {}", files.vae_weights.display()))?;
+        let vae = Vae::new(
+            open_weights(&files.vae_weights, dtype, device)?,
+            &vae_config,
+        )
+        .with_context(|| format!("vae weights {}", files.vae_weights.display()))?;
         let scheduler_config: SchedulerConfig = read_json(&files.scheduler_config)?;
         let schedule = NoiseSchedule::new(&scheduler_config)?;
         Ok(Self {
@@ -134,7 +139,11 @@ impl StableDiffusion {
     pub fn initial_latents(&self, s: &SampleSettings, seed: u64) -> Result<Tensor> {
         let f = 1usize << (self.vae_config.block_out_channels.len() - 1);
         if s.height % f != 0 || s.width % f != 0 {
-            anyhow::bail!("--height/--width must be multiples of {f}, got {}x{}", s.height, s.width);
+            anyhow::bail!(
+                "--height/--width must be multiples of {f}, got {}x{}",
+                s.height,
+                s.width
+            );
         }
         let mut rng = Rng::new(seed);
         let c = self.unet.config.in_channels;
@@ -178,7 +187,9 @@ impl StableDiffusion {
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let z = (latents / self.vae_config.scaling_factor)?;
         let img = self.vae.decode(&z)?;
-        Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.to_dtype(DType::F32)?)
+        Ok(((img / 2.0)? + 0.5)?
+            .clamp(0f32, 1f32)?
+            .to_dtype(DType::F32)?)
     }
 
     /// One image from a plain (or TI) prompt: the whole pipeline.
@@ -207,7 +218,12 @@ pub fn batch_conditioning(uncond: &Tensor, cond: &Conditioning) -> Result<Condit
         Conditioning::Shared(c) => Conditioning::Shared(Tensor::cat(&[uncond, c], 0)?),
         Conditioning::PerLayer(v) => Conditioning::PerLayer(
             v.iter()
-                .map(|(k, val)| Ok((Tensor::cat(&[uncond, k], 0)?, Tensor::cat(&[uncond, val], 0)?)))
+                .map(|(k, val)| {
+                    Ok((
+                        Tensor::cat(&[uncond, k], 0)?,
+                        Tensor::cat(&[uncond, val], 0)?,
+                    ))
+                })
                 .collect::<Result<Vec<_>>>()?,
         ),
     })

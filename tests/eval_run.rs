@@ -17,7 +17,16 @@ fn eval_runs_two_trained_subjects_end_to_end() {
         let o = bin()
             .args(["train", "--model"])
             .arg(fixtures().join("tiny-sd"))
-            .args(["--subject", subject, "--method", "ti", "--steps", "1", "--resolution", "128"])
+            .args([
+                "--subject",
+                subject,
+                "--method",
+                "ti",
+                "--steps",
+                "1",
+                "--resolution",
+                "128",
+            ])
             .args(["--batch", "1", "--offline", "--out"])
             .arg(runs.join(subject))
             .output()
@@ -28,7 +37,16 @@ fn eval_runs_two_trained_subjects_end_to_end() {
     let o = bin()
         .args(["eval", "--runs"])
         .arg(&runs)
-        .args(["--split", "test", "--samples", "1", "--steps", "2", "--offline", "--model"])
+        .args([
+            "--split",
+            "test",
+            "--samples",
+            "1",
+            "--steps",
+            "2",
+            "--offline",
+            "--model",
+        ])
         .arg(fixtures().join("tiny-sd"))
         .arg("--clip")
         .arg(fixtures().join("tiny-clip"))
@@ -38,7 +56,12 @@ fn eval_runs_two_trained_subjects_end_to_end() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     // Each subject's test images x 10 captions x 1 sample, every score finite.
     let mut lines = 0;
     for e in walk(&out) {
@@ -52,7 +75,11 @@ fn eval_runs_two_trained_subjects_end_to_end() {
             }
         }
     }
-    assert_eq!(lines, 2 * 10 + 2 * 10, "dog and candle have 2 test images each");
+    assert_eq!(
+        lines,
+        2 * 10 + 2 * 10,
+        "dog and candle have 2 test images each"
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

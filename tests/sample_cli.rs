@@ -25,7 +25,11 @@ fn same_seed_gives_identical_files() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     for f in ["000-seed7.png", "001-seed8.png"] {
-        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f}");
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f}"
+        );
     }
     assert_ne!(
         std::fs::read(a.join("000-seed7.png")).unwrap(),
@@ -49,7 +53,14 @@ fn dpm_sampler_and_long_prompt_warning() {
 fn missing_model_folder_and_file_are_named() {
     let t = tempfile::tempdir().unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_attractor"))
-        .args(["sample", "--prompt", "x", "--model", "./no/such/model", "--offline"])
+        .args([
+            "sample",
+            "--prompt",
+            "x",
+            "--model",
+            "./no/such/model",
+            "--offline",
+        ])
         .output()
         .unwrap();
     assert!(!o.status.success());
@@ -64,14 +75,22 @@ fn missing_model_folder_and_file_are_named() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("unet/config.json"));
     // Offline with nothing cached: names the repo, the file and the fix.
     let o = Command::new(env!("CARGO_BIN_EXE_attractor"))
-        .args(["fetch", "--offline", "--model", "stable-diffusion-v1-5/stable-diffusion-v1-5"])
+        .args([
+            "fetch",
+            "--offline",
+            "--model",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        ])
         .env("HF_HUB_CACHE", t.path().join("empty"))
         .env("HF_HOME", t.path().join("empty"))
         .output()
         .unwrap();
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("stable-diffusion-v1-5/stable-diffusion-v1-5") && e.contains("unet/config.json"), "{e}");
+    assert!(
+        e.contains("stable-diffusion-v1-5/stable-diffusion-v1-5") && e.contains("unet/config.json"),
+        "{e}"
+    );
 }
 
 /// A weight file with a tensor of the wrong shape names the key and both shapes.
@@ -88,9 +107,14 @@ fn wrong_shape_names_the_key() {
         }
     }
     let cfg = dst.join("text_encoder/config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"intermediate_size\": 64", "\"intermediate_size\": 65");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"intermediate_size\": 64", "\"intermediate_size\": 65");
     std::fs::write(&cfg, text).unwrap();
-    let o = sample(&t.path().join("o"), &["--prompt", "x", "--model", dst.to_str().unwrap()]);
+    let o = sample(
+        &t.path().join("o"),
+        &["--prompt", "x", "--model", dst.to_str().unwrap()],
+    );
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("fc1") && e.contains("65"), "{e}");

@@ -49,7 +49,8 @@ fn dataset(dir: &Path, masks: bool) -> PathBuf {
                 image::Luma([if dx * dx + dy * dy < 1.0 { 255 } else { 0 }])
             });
             let stem = p.file_stem().unwrap().to_string_lossy().to_string();
-            m.save(dst.join("dog/masks").join(format!("{stem}.png"))).unwrap();
+            m.save(dst.join("dog/masks").join(format!("{stem}.png")))
+                .unwrap();
         }
     }
     dst
@@ -61,7 +62,16 @@ fn train(data: &Path, out: &Path, method: &str, extra: &[&str]) -> std::process:
         .arg(tiny_model())
         .arg("--data")
         .arg(data)
-        .args(["--subject", "dog", "--method", method, "--resolution", "128", "--batch", "1"])
+        .args([
+            "--subject",
+            "dog",
+            "--method",
+            method,
+            "--resolution",
+            "128",
+            "--batch",
+            "1",
+        ])
         .args(["--grad-accum", "1", "--offline", "--out"])
         .arg(out)
         .args(extra)
@@ -107,13 +117,22 @@ fn every_method_trains_from_the_cli_with_finite_losses() {
             }
         }
         let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-        assert!(cfg["settings"]["lr"].as_f64().unwrap() > 0.0, "effective lr is saved");
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert!(
+            cfg["settings"]["lr"].as_f64().unwrap() > 0.0,
+            "effective lr is saved"
+        );
         let files: &[&str] = match method {
             "ti" => &["learned_embeds.safetensors"],
             "ti+" => &["learned_embeds.safetensors", "attractors.safetensors"],
             "neti" => &["mapper.safetensors"],
-            _ => &["mapper.safetensors", "mapper-a0.safetensors", "mapper-a1.safetensors", "mapper-a2.safetensors"],
+            _ => &[
+                "mapper.safetensors",
+                "mapper-a0.safetensors",
+                "mapper-a1.safetensors",
+                "mapper-a2.safetensors",
+            ],
         };
         for f in files {
             assert!(out.join(f).is_file(), "{method}: {f} missing");
@@ -147,7 +166,10 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
         let norms = t.gradient_norms().unwrap();
         assert!(!norms.is_empty());
         for (name, n) in norms {
-            assert!(n.is_finite() && n > 0.0, "{method}: {name} has gradient norm {n}");
+            assert!(
+                n.is_finite() && n > 0.0,
+                "{method}: {name} has gradient norm {n}"
+            );
         }
     }
 }
@@ -161,12 +183,25 @@ fn bytes(p: &Path) -> Vec<u8> {
 fn resume_is_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let data = dataset(tmp.path(), true);
-    for (method, file) in [("ti", "learned_embeds.safetensors"), ("neti+", "mapper-a1.safetensors")] {
+    for (method, file) in [
+        ("ti", "learned_embeds.safetensors"),
+        ("neti+", "mapper-a1.safetensors"),
+    ] {
         let tag = method.replace('+', "plus");
         let full = tmp.path().join(format!("{tag}-full"));
-        ok(&train(&data, &full, method, &["--steps", "4", "--save-every", "2", "--schedule", "one"]));
+        ok(&train(
+            &data,
+            &full,
+            method,
+            &["--steps", "4", "--save-every", "2", "--schedule", "one"],
+        ));
         let half = tmp.path().join(format!("{tag}-half"));
-        ok(&train(&data, &half, method, &["--steps", "2", "--schedule", "one"]));
+        ok(&train(
+            &data,
+            &half,
+            method,
+            &["--steps", "2", "--schedule", "one"],
+        ));
         let o = bin()
             .args(["train", "--resume"])
             .arg(&half)
@@ -175,10 +210,17 @@ fn resume_is_exact() {
             .output()
             .unwrap();
         ok(&o);
-        assert_eq!(bytes(&full.join(file)), bytes(&half.join(file)), "{method}: resumed run differs");
+        assert_eq!(
+            bytes(&full.join(file)),
+            bytes(&half.join(file)),
+            "{method}: resumed run differs"
+        );
         // Parameters, AdamW moments and the RNG/epoch state agree (the recorded settings differ
         // in save_every only).
-        let (a, b) = (full.join("checkpoints/step-4.safetensors"), half.join("checkpoints/step-4.safetensors"));
+        let (a, b) = (
+            full.join("checkpoints/step-4.safetensors"),
+            half.join("checkpoints/step-4.safetensors"),
+        );
         let (ta, tb) = (
             candle_core::safetensors::load(&a, &Device::Cpu).unwrap(),
             candle_core::safetensors::load(&b, &Device::Cpu).unwrap(),
@@ -190,16 +232,29 @@ fn resume_is_exact() {
                 v.flatten_all().unwrap().to_vec1().unwrap(),
                 w.flatten_all().unwrap().to_vec1().unwrap(),
             );
-            assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{method}: {k} differs");
+            assert!(
+                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{method}: {k} differs"
+            );
         }
         let (ma, mb) = (
             attractor::files::read_safetensors_metadata(&a).unwrap(),
             attractor::files::read_safetensors_metadata(&b).unwrap(),
         );
-        for k in ["step", "adam_t", "rng_seed", "rng_word_pos", "order", "cursor"] {
+        for k in [
+            "step",
+            "adam_t",
+            "rng_seed",
+            "rng_word_pos",
+            "order",
+            "cursor",
+        ] {
             assert_eq!(ma.get(k), mb.get(k), "{method}: checkpoint {k} differs");
         }
-        let steps: Vec<u64> = metrics(&half).iter().map(|m| m["step"].as_u64().unwrap()).collect();
+        let steps: Vec<u64> = metrics(&half)
+            .iter()
+            .map(|m| m["step"].as_u64().unwrap())
+            .collect();
         assert_eq!(steps, vec![1, 2, 3, 4]);
     }
 }
@@ -209,7 +264,12 @@ fn saved_embedding_loads_back_and_samples() {
     let tmp = tempfile::tempdir().unwrap();
     let data = dataset(tmp.path(), false);
     let run = tmp.path().join("run");
-    ok(&train(&data, &run, "ti", &["--steps", "1", "--num-vectors", "2"]));
+    ok(&train(
+        &data,
+        &run,
+        "ti",
+        &["--steps", "1", "--num-vectors", "2"],
+    ));
     let p = run.join("learned_embeds.safetensors");
     let meta = attractor::files::read_safetensors_metadata(&p).unwrap();
     assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
@@ -220,7 +280,14 @@ fn saved_embedding_loads_back_and_samples() {
     let o = bin()
         .args(["sample", "--run"])
         .arg(&run)
-        .args(["--prompt", "a photo of {} on a beach", "--steps", "2", "--offline", "--model"])
+        .args([
+            "--prompt",
+            "a photo of {} on a beach",
+            "--steps",
+            "2",
+            "--offline",
+            "--model",
+        ])
         .arg(tiny_model())
         .arg("--out")
         .arg(&out)
@@ -238,11 +305,20 @@ fn neti_samples_with_truncation_and_attractor() {
     let run = tmp.path().join("run");
     ok(&train(&data, &run, "neti+", &["--steps", "1"]));
     for extra in [vec!["--truncation", "16"], vec!["--attractor", "1"]] {
-        let out = tmp.path().join(format!("s{}", extra[0].trim_start_matches('-')));
+        let out = tmp
+            .path()
+            .join(format!("s{}", extra[0].trim_start_matches('-')));
         let o = bin()
             .args(["sample", "--run"])
             .arg(&run)
-            .args(["--prompt", "a photo of {}", "--steps", "2", "--offline", "--model"])
+            .args([
+                "--prompt",
+                "a photo of {}",
+                "--steps",
+                "2",
+                "--offline",
+                "--model",
+            ])
             .arg(tiny_model())
             .args(&extra)
             .arg("--out")
@@ -261,7 +337,10 @@ fn attractor_method_without_masks_lists_them_and_names_the_command() {
     let o = train(&data, &tmp.path().join("run"), "ti+", &["--steps", "1"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("masks/00.png") && err.contains("attractor masks"), "{err}");
+    assert!(
+        err.contains("masks/00.png") && err.contains("attractor masks"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -270,10 +349,26 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let data = dataset(tmp.path(), false);
     let run = tmp.path().join("run");
     // A learning rate this large sends the rows to infinity after the first update.
-    let o = train(&data, &run, "ti", &["--steps", "4", "--save-every", "1", "--lr", "1e38", "--no-scale-lr"]);
+    let o = train(
+        &data,
+        &run,
+        "ti",
+        &[
+            "--steps",
+            "4",
+            "--save-every",
+            "1",
+            "--lr",
+            "1e38",
+            "--no-scale-lr",
+        ],
+    );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("loss became") && err.contains("checkpoint"), "{err}");
+    assert!(
+        err.contains("loss became") && err.contains("checkpoint"),
+        "{err}"
+    );
     assert!(run.join("checkpoints/step-1.safetensors").is_file());
 }
 
@@ -293,17 +388,28 @@ fn toml_preset_and_flags_merge() {
     use attractor::cli::train::{resolve_settings, TrainArgs};
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("p.toml");
-    std::fs::write(&p, "method = \"neti+\"\nsteps = 7\nschedule = \"sigmoid\"\n[weights]\nw_c = 0.5\n").unwrap();
+    std::fs::write(
+        &p,
+        "method = \"neti+\"\nsteps = 7\nschedule = \"sigmoid\"\n[weights]\nw_c = 0.5\n",
+    )
+    .unwrap();
     let mut args = TrainArgs::default();
     args.common.config = Some(p.clone());
     let s = resolve_settings(&args).unwrap();
-    assert_eq!((s.method, s.steps, s.weights.w_c), (Method::NetiPlus, Some(7), 0.5));
+    assert_eq!(
+        (s.method, s.steps, s.weights.w_c),
+        (Method::NetiPlus, Some(7), 0.5)
+    );
     args.steps = Some(9);
     args.method = Some(Method::Ti);
     let s = resolve_settings(&args).unwrap();
     assert_eq!((s.method, s.steps), (Method::Ti, Some(9)));
     let r = s.resolve().unwrap();
-    assert!((r.lr - 5e-3 * 2.0).abs() < 1e-12, "ti lr scaled by batch 2: {}", r.lr);
+    assert!(
+        (r.lr - 5e-3 * 2.0).abs() < 1e-12,
+        "ti lr scaled by batch 2: {}",
+        r.lr
+    );
     for preset in ["ti", "ti+", "neti", "neti+", "paper"] {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("configs/{preset}.toml"));
         let mut a = TrainArgs::default();

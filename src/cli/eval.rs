@@ -125,7 +125,11 @@ pub struct RunGenerator {
 pub fn open_run(run_dir: &Path, opts: &GenerationOptions) -> Result<RunGenerator> {
     let cfg = run_dir.join("config.json");
     let text = std::fs::read_to_string(&cfg).with_context(|| {
-        format!("--run {}: {} not found; pass a folder written by `attractor train --out`", run_dir.display(), cfg.display())
+        format!(
+            "--run {}: {} not found; pass a folder written by `attractor train --out`",
+            run_dir.display(),
+            cfg.display()
+        )
     })?;
     let info: crate::personalize::trainer::RunInfo = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a training run's config", cfg.display()))?;
@@ -153,7 +157,10 @@ pub fn open_run(run_dir: &Path, opts: &GenerationOptions) -> Result<RunGenerator
     let mut fingerprint = Vec::new();
     for e in std::fs::read_dir(run_dir)? {
         let p = e?.path();
-        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         let learned = name == "learned_embeds.safetensors"
             || name == "attractors.safetensors"
             || (name.starts_with("mapper") && !name.contains("-steps-"));
@@ -173,7 +180,12 @@ pub fn open_run(run_dir: &Path, opts: &GenerationOptions) -> Result<RunGenerator
     .to_string();
     Ok(RunGenerator {
         subjects: vec![info.subject.clone()],
-        generator: Box::new(RunImages { sd, subject, settings, id }),
+        generator: Box::new(RunImages {
+            sd,
+            subject,
+            settings,
+            id,
+        }),
     })
 }
 
@@ -192,10 +204,20 @@ impl Generator for RunImages {
 
     fn generate(&mut self, subject: &str, prompt: &str, seed: u64) -> Result<image::RgbImage> {
         if subject != self.subject.info.subject {
-            bail!("this run learned {}, not {subject}", self.subject.info.subject);
+            bail!(
+                "this run learned {}, not {subject}",
+                self.subject.info.subject
+            );
         }
-        self.subject
-            .generate(&self.sd, &self.settings, prompt, None, None, seed, &mut |_, _| {})
+        self.subject.generate(
+            &self.sd,
+            &self.settings,
+            prompt,
+            None,
+            None,
+            seed,
+            &mut |_, _| {},
+        )
     }
 
     fn placeholder(&self, _subject: &str) -> Option<String> {

@@ -8,14 +8,14 @@ use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
-pub mod fetch;
 pub mod bench;
-pub mod sample;
-pub mod train;
 pub mod dataset;
 pub mod eval;
+pub mod fetch;
 pub mod masks;
 pub mod report;
+pub mod sample;
+pub mod train;
 
 /// The flags every verb takes (SPEC.md §0).
 #[derive(Args, Debug, Clone, Default)]

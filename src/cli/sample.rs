@@ -91,10 +91,14 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     };
     let seed = args.common.seed.unwrap_or(0);
     let subject = match &args.run {
-        Some(run) => Some(crate::personalize::generate::LearnedSubject::open(run, &sd)?),
+        Some(run) => Some(crate::personalize::generate::LearnedSubject::open(
+            run, &sd,
+        )?),
         None => {
             if args.truncation.is_some() || args.attractor.is_some() {
-                anyhow::bail!("--truncation and --attractor need --run RUN_DIR (a trained subject)");
+                anyhow::bail!(
+                    "--truncation and --attractor need --run RUN_DIR (a trained subject)"
+                );
             }
             None
         }
@@ -103,7 +107,10 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let mut written = Vec::new();
     for i in 0..args.num_images {
         let s = seed + i as u64;
-        let pb = progress(settings.steps as u64, &format!("image {}/{}", i + 1, args.num_images));
+        let pb = progress(
+            settings.steps as u64,
+            &format!("image {}/{}", i + 1, args.num_images),
+        );
         let mut on_step = |k: usize, _n: usize| pb.set_position(k as u64);
         let img = match &subject {
             Some(subj) => subj.generate(
@@ -133,6 +140,9 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         "attractor": args.attractor,
         "images": written,
     });
-    crate::files::atomic_write(&out.join("sample.json"), serde_json::to_string_pretty(&record)?.as_bytes())?;
+    crate::files::atomic_write(
+        &out.join("sample.json"),
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )?;
     Ok(())
 }

@@ -71,7 +71,10 @@ pub fn resolve_settings(args: &TrainArgs) -> Result<TrainSettings> {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("--config {}: cannot read it", p.display()))?;
             toml::from_str::<TrainSettings>(&text).with_context(|| {
-                format!("--config {}: not a valid training preset (see configs/*.toml for the keys)", p.display())
+                format!(
+                    "--config {}: not a valid training preset (see configs/*.toml for the keys)",
+                    p.display()
+                )
             })?
         }
         None => TrainSettings::default(),
@@ -133,7 +136,10 @@ pub fn latest_checkpoint(run: &Path) -> Result<Option<(usize, PathBuf)>> {
     let mut best: Option<(usize, PathBuf)> = None;
     for e in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let p = e?.path();
-        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         if let Some(n) = name
             .strip_prefix("step-")
             .and_then(|r| r.strip_suffix(".safetensors"))
@@ -174,7 +180,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         Some(run) => {
             let cfg = run.join("config.json");
             let text = std::fs::read_to_string(&cfg).with_context(|| {
-                format!("--resume {}: {} not found; pass a folder written by `attractor train --out`", run.display(), cfg.display())
+                format!(
+                    "--resume {}: {} not found; pass a folder written by `attractor train --out`",
+                    run.display(),
+                    cfg.display()
+                )
             })?;
             let info: RunInfo = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a training run's config", cfg.display()))?;
@@ -189,16 +199,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         }
         None => {
             let s = resolve_settings(args)?;
-            let subject = args
-                .common
-                .subject
-                .clone()
-                .ok_or_else(|| anyhow::anyhow!("--subject is required (a folder of the dataset, e.g. --subject dog)"))?;
-            let out = args
-                .common
-                .out
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(format!("runs/{subject}-{}", s.method.name().replace('+', "plus"))));
+            let subject = args.common.subject.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--subject is required (a folder of the dataset, e.g. --subject dog)"
+                )
+            })?;
+            let out = args.common.out.clone().unwrap_or_else(|| {
+                PathBuf::from(format!(
+                    "runs/{subject}-{}",
+                    s.method.name().replace('+', "plus")
+                ))
+            });
             if out.join("config.json").is_file() {
                 bail!(
                     "{} already holds a training run. Fix: continue it with `attractor train --resume {}`, or choose another --out",
@@ -235,14 +246,24 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             Some((n, p)) => {
                 trainer.load_checkpoint(&p)?;
                 truncate_metrics(&metrics, n)?;
-                eprintln!("resumed {} at step {n} of {}", out.display(), resolved.steps);
+                eprintln!(
+                    "resumed {} at step {n} of {}",
+                    out.display(),
+                    resolved.steps
+                );
             }
-            None => bail!("--resume {}: no checkpoints/step-N.safetensors to resume from", out.display()),
+            None => bail!(
+                "--resume {}: no checkpoints/step-N.safetensors to resume from",
+                out.display()
+            ),
         }
     }
     let cfg_json = serde_json::to_string_pretty(&trainer.info)?;
     crate::files::atomic_write(&out.join("config.json"), cfg_json.as_bytes())?;
-    crate::files::atomic_write(&out.join("config.toml"), toml::to_string(&resolved.s)?.as_bytes())?;
+    crate::files::atomic_write(
+        &out.join("config.toml"),
+        toml::to_string(&resolved.s)?.as_bytes(),
+    )?;
     eprintln!(
         "training {} on {} ({} images) with {} from {}: {} steps, batch {} x accum {}, lr {:.3e} (base {:.1e}{})",
         resolved.s.method,
@@ -257,7 +278,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         resolved.base_lr,
         if resolved.s.scale_lr { " x batch x accum" } else { "" }
     );
-    eprintln!("effective configuration: {}", out.join("config.toml").display());
+    eprintln!(
+        "effective configuration: {}",
+        out.join("config.toml").display()
+    );
     let pb = progress(resolved.steps as u64, "train");
     pb.set_position(trainer.step as u64);
     let ckpt_dir = out.join("checkpoints");
@@ -267,9 +291,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             Err(e) => {
                 pb.abandon();
                 let last = latest_checkpoint(&out)?
-                    .map(|(n, _)| format!("the last checkpoint (step {n}) in {} is kept", ckpt_dir.display()))
+                    .map(|(n, _)| {
+                        format!(
+                            "the last checkpoint (step {n}) in {} is kept",
+                            ckpt_dir.display()
+                        )
+                    })
                     .unwrap_or_else(|| "no checkpoint was written yet".into());
-                return Err(e.context(format!("training stopped at step {}; {last}", trainer.step + 1)));
+                return Err(e.context(format!(
+                    "training stopped at step {}; {last}",
+                    trainer.step + 1
+                )));
             }
         };
         crate::files::append_line(&metrics, &serde_json::to_string(&log)?)?;
@@ -311,8 +343,19 @@ fn validate(trainer: &Trainer, out: &Path, step: usize) -> Result<()> {
         ..SampleSettings::default()
     };
     for seed in 0..2u64 {
-        let img = subj.generate(trainer.sd, &settings, &s.validation_prompt, None, None, seed, &mut |_, _| {})?;
-        crate::files::save_png(&img, &out.join(format!("validation/step-{step}-seed-{seed}.png")))?;
+        let img = subj.generate(
+            trainer.sd,
+            &settings,
+            &s.validation_prompt,
+            None,
+            None,
+            seed,
+            &mut |_, _| {},
+        )?;
+        crate::files::save_png(
+            &img,
+            &out.join(format!("validation/step-{step}-seed-{seed}.png")),
+        )?;
     }
     Ok(())
 }

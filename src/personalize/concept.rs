@@ -15,7 +15,10 @@ pub enum Learned {
     Rows(Tensor),
     /// NeTI: one mapper per added token, in token-id order (the subject `<v*>`, then the
     /// attractors); `alpha` is the bypass strength.
-    Mappers { mappers: Vec<NetiMapper>, alpha: f64 },
+    Mappers {
+        mappers: Vec<NetiMapper>,
+        alpha: f64,
+    },
 }
 
 /// Conditioning for a batch of prompts plus, for the contrastive loss, the contextual embeddings
@@ -77,7 +80,9 @@ fn encode_neti(
         candle_core::bail!("{} timesteps for {n} prompts", ts.len());
     }
     // (t, l) of every row, layer-major.
-    let t_rows: Vec<f32> = (0..num_layers).flat_map(|_| ts.iter().map(|&t| t as f32)).collect();
+    let t_rows: Vec<f32> = (0..num_layers)
+        .flat_map(|_| ts.iter().map(|&t| t as f32))
+        .collect();
     let l_rows: Vec<f32> = (0..num_layers)
         .flat_map(|l| std::iter::repeat_n(l as f32, n))
         .collect();
@@ -85,7 +90,12 @@ fn encode_neti(
     let mut words = Vec::with_capacity(mappers.len());
     let mut bypasses = Vec::with_capacity(mappers.len());
     for m in mappers {
-        let out = m.forward(&t_rows, &l_rows, opts.truncation, opts.dropout.as_deref_mut())?;
+        let out = m.forward(
+            &t_rows,
+            &l_rows,
+            opts.truncation,
+            opts.dropout.as_deref_mut(),
+        )?;
         let (w, b) = NetiMapper::split(&out)?;
         words.push(w);
         bypasses.push(b);
@@ -126,7 +136,10 @@ pub fn bypass_contexts(
     let emb = te.embed_tokens(ids, Some(extra))?;
     let e = te.encode_embeddings_pre_ln(&emb)?;
     let keys = te.final_layer_norm(&e)?;
-    let flat_ids: Vec<u32> = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
+    let flat_ids: Vec<u32> = ids
+        .flatten_all()?
+        .to_dtype(candle_core::DType::U32)?
+        .to_vec1()?;
     let mut entries = Vec::new(); // (row, position, token index)
     for (k, &id) in flat_ids.iter().enumerate() {
         if id >= vocab {

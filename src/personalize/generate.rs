@@ -24,7 +24,10 @@ impl LearnedSubject {
     pub fn open(run: &Path, sd: &StableDiffusion) -> Result<Self> {
         let cfg = run.join("config.json");
         let text = std::fs::read_to_string(&cfg).with_context(|| {
-            format!("{} not found: --run must be a folder written by `attractor train --out`", cfg.display())
+            format!(
+                "{} not found: --run must be a folder written by `attractor train --out`",
+                cfg.display()
+            )
         })?;
         let info: RunInfo = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a training run's config", cfg.display()))?;
@@ -34,31 +37,49 @@ impl LearnedSubject {
         let learned = if info.settings.s.method.uses_neti() {
             let mut mappers = Vec::new();
             for j in 0..1 + info.attractor_tokens.len() {
-                let name = if j == 0 { "mapper.safetensors".to_string() } else { format!("mapper-a{}.safetensors", j - 1) };
+                let name = if j == 0 {
+                    "mapper.safetensors".to_string()
+                } else {
+                    format!("mapper-a{}.safetensors", j - 1)
+                };
                 let p = run.join(&name);
                 if !p.is_file() {
                     bail!("{} is missing: the run has not finished or was not saved; resume it with `attractor train --resume {}`", p.display(), run.display());
                 }
                 mappers.push(NetiMapper::load(&p, dev)?.0);
             }
-            Learned::Mappers { mappers, alpha: 0.2 }
+            Learned::Mappers {
+                mappers,
+                alpha: 0.2,
+            }
         } else {
             let read = |file: &str, key: &str| -> Result<Tensor> {
                 let p = run.join(file);
                 let t = candle_core::safetensors::load(&p, dev).with_context(|| {
-                    format!("cannot read {}: resume the run with `attractor train --resume {}`", p.display(), run.display())
+                    format!(
+                        "cannot read {}: resume the run with `attractor train --resume {}`",
+                        p.display(),
+                        run.display()
+                    )
                 })?;
                 t.get(key)
                     .cloned()
                     .ok_or_else(|| anyhow::anyhow!("{} has no tensor {key}", p.display()))
             };
-            let mut rows = vec![read("learned_embeds.safetensors", &info.placeholder_tokens[0])?];
+            let mut rows = vec![read(
+                "learned_embeds.safetensors",
+                &info.placeholder_tokens[0],
+            )?];
             for a in &info.attractor_tokens {
                 rows.push(read("attractors.safetensors", a)?);
             }
             Learned::Rows(Tensor::cat(&rows, 0)?.to_dtype(sd.dtype)?)
         };
-        Ok(Self { info, tokenizer, learned })
+        Ok(Self {
+            info,
+            tokenizer,
+            learned,
+        })
     }
 
     /// The subject as a trainer holds it now (validation images during training).
@@ -73,18 +94,13 @@ impl LearnedSubject {
     /// Fill `{}` with the subject's tokens, or attractor `k`'s token.
     pub fn fill_prompt(&self, template: &str, attractor: Option<usize>) -> Result<String> {
         let word = match attractor {
-            Some(k) => self
-                .info
-                .attractor_tokens
-                .get(k)
-                .cloned()
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--attractor {k}: this run has {} attractors (method {})",
-                        self.info.attractor_tokens.len(),
-                        self.info.settings.s.method
-                    )
-                })?,
+            Some(k) => self.info.attractor_tokens.get(k).cloned().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--attractor {k}: this run has {} attractors (method {})",
+                    self.info.attractor_tokens.len(),
+                    self.info.settings.s.method
+                )
+            })?,
             None => prompts::placeholder_text(self.info.placeholder_tokens.len()),
         };
         if !template.contains("{}") {
@@ -114,22 +130,41 @@ impl LearnedSubject {
         let learned = &self.learned;
         let text = &sd.text;
         let fixed = match learned {
-            Learned::Rows(_) => Some(learned.encode(text, &ids, &[0], 1, NetiOptions::default())?.cond),
+            Learned::Rows(_) => Some(
+                learned
+                    .encode(text, &ids, &[0], 1, NetiOptions::default())?
+                    .cond,
+            ),
             Learned::Mappers { .. } => {
                 if truncation.is_some_and(|k| k > crate::personalize::neti::HIDDEN) {
-                    bail!("--truncation must be at most {}", crate::personalize::neti::HIDDEN);
+                    bail!(
+                        "--truncation must be at most {}",
+                        crate::personalize::neti::HIDDEN
+                    );
                 }
                 None
             }
         };
         if fixed.is_some() && truncation.is_some() {
-            bail!("--truncation applies to NeTI runs only (this run is {})", self.info.settings.s.method);
+            bail!(
+                "--truncation applies to NeTI runs only (this run is {})",
+                self.info.settings.s.method
+            );
         }
         let mut cond = |t: usize| -> Result<crate::sd::unet::Conditioning> {
             match &fixed {
                 Some(c) => Ok(c.clone()),
                 None => Ok(learned
-                    .encode(text, &ids, &[t], n_layers, NetiOptions { truncation, dropout: None })?
+                    .encode(
+                        text,
+                        &ids,
+                        &[t],
+                        n_layers,
+                        NetiOptions {
+                            truncation,
+                            dropout: None,
+                        },
+                    )?
                     .cond),
             }
         };

@@ -15,7 +15,7 @@ pub use neti::{bypass, FourierEncoding, MapperConfig, MapperInfo, NetiMapper, UN
 pub use prompts::{PromptSampler, PromptTriple};
 pub use tokens::{ClipTokenizer, TokenError, Tokens};
 pub mod concept;
+pub mod generate;
 pub mod optim;
 pub mod settings;
 pub mod trainer;
-pub mod generate;

@@ -2,8 +2,8 @@
 //! moments), with its state exposed so checkpoints resume bit-exactly (candle_nn's AdamW keeps its
 //! moments private).
 
-use candle_core::{Result, Tensor, Var};
 use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 /// AdamW hyper-parameters (SPEC.md §3: betas 0.9/0.999, eps 1e-8, weight decay 1e-2).
@@ -41,9 +41,21 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
-        let m = vars.iter().map(|v| v.zeros_like()).collect::<Result<Vec<_>>>()?;
-        let v = vars.iter().map(|v| v.zeros_like()).collect::<Result<Vec<_>>>()?;
-        Ok(Self { vars, m, v, t: 0, cfg })
+        let m = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<Result<Vec<_>>>()?;
+        let v = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            vars,
+            m,
+            v,
+            t: 0,
+            cfg,
+        })
     }
 
     /// One update with learning rate `lr`. A variable without a gradient still decays and moves

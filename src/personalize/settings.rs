@@ -107,10 +107,16 @@ impl TrainSettings {
             anyhow::bail!("steps, batch and grad_accum must be at least 1 (got {steps}, {batch}, {grad_accum})");
         }
         if self.resolution % 8 != 0 || self.resolution == 0 {
-            anyhow::bail!("resolution {} is not a positive multiple of 8", self.resolution);
+            anyhow::bail!(
+                "resolution {} is not a positive multiple of 8",
+                self.resolution
+            );
         }
         if m.uses_neti() && self.num_vectors != 1 {
-            anyhow::bail!("NeTI learns one token: num_vectors must be 1 (got {})", self.num_vectors);
+            anyhow::bail!(
+                "NeTI learns one token: num_vectors must be 1 (got {})",
+                self.num_vectors
+            );
         }
         if self.num_vectors == 0 {
             anyhow::bail!("num_vectors must be at least 1");

@@ -126,7 +126,9 @@ impl<'a> Trainer<'a> {
         let mut tokenizer = sd.tokenizer.clone();
         let placeholder_tokens = prompts::placeholder_tokens(settings.s.num_vectors);
         let attractor_tokens: Vec<String> = if method.uses_attractor() {
-            (0..subject.train_images.len()).map(prompts::attractor_token).collect()
+            (0..subject.train_images.len())
+                .map(prompts::attractor_token)
+                .collect()
         } else {
             Vec::new()
         };
@@ -164,10 +166,17 @@ impl<'a> Trainer<'a> {
                 .chain(info.attractor_tokens.iter().map(|_| bg_id))
                 .collect();
             for (j, &w) in words.iter().enumerate() {
-                let norm = row(w)?.sqr()?.sum_all()?.sqrt()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let norm = row(w)?
+                    .sqr()?
+                    .sum_all()?
+                    .sqrt()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
                 let cfg = MapperConfig::new(d, norm);
                 let prefix = format!("mapper{j}");
-                mappers.push(NetiMapper::init(&varmap, &prefix, &cfg, &mut rng, &sd.device)?);
+                mappers.push(NetiMapper::init(
+                    &varmap, &prefix, &cfg, &mut rng, &sd.device,
+                )?);
             }
             let mut named: Vec<(String, Var)> = varmap
                 .data()
@@ -242,7 +251,10 @@ impl<'a> Trainer<'a> {
             let flip = (self.rng.uniform_f32() as f64) < s.s.flip_p;
             let ex = &self.examples[k];
             let (mean, logvar) = &ex.posterior[flip as usize];
-            let z = (mean + (logvar * 0.5)?.exp()?.mul(&self.rng.randn(mean.shape(), dev)?)?)?;
+            let z = (mean
+                + (logvar * 0.5)?
+                    .exp()?
+                    .mul(&self.rng.randn(mean.shape(), dev)?)?)?;
             latents.push((z * scale)?);
             if let Some(m) = &ex.mask {
                 masks.push(m[flip as usize].clone());
@@ -257,7 +269,10 @@ impl<'a> Trainer<'a> {
         let prompts: Vec<String> = if method.uses_attractor() {
             let triples: Vec<_> = ks
                 .iter()
-                .map(|&k| self.sampler.triple(&mut self.rng, &self.info.attractor_tokens[k]))
+                .map(|&k| {
+                    self.sampler
+                        .triple(&mut self.rng, &self.info.attractor_tokens[k])
+                })
                 .collect();
             let mut v: Vec<String> = triples.iter().map(|t| t.subject.clone()).collect();
             v.extend(triples.iter().map(|t| t.background.clone()));
@@ -278,7 +293,11 @@ impl<'a> Trainer<'a> {
             UNET_LAYERS.len(),
             NetiOptions {
                 truncation: None,
-                dropout: if method.uses_neti() { Some(&mut self.rng) } else { None },
+                dropout: if method.uses_neti() {
+                    Some(&mut self.rng)
+                } else {
+                    None
+                },
             },
         )?;
         // 4. one UNet call on all pools
@@ -331,7 +350,12 @@ impl<'a> Trainer<'a> {
             nce_terms.push(losses::info_nce(&v, &a, s.s.tau)?);
         }
         let nce = (Tensor::stack(&nce_terms, 0)?.mean_all()?).to_dtype(DType::F32)?;
-        let parts = LossParts { sub, bg, joint, nce };
+        let parts = LossParts {
+            sub,
+            bg,
+            joint,
+            nce,
+        };
         let w = s.s.schedule.weight(p);
         let total = losses::total_loss(&parts, &s.s.weights, w)?;
         Ok((total, parts, true))
@@ -365,7 +389,8 @@ impl<'a> Trainer<'a> {
         for _ in 0..accum {
             let (loss, parts, is_plus) = self.micro_batch(p)?;
             plus = is_plus;
-            let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+            let scalar =
+                |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
             let lv = scalar(&loss)?;
             if !lv.is_finite() {
                 bail!(
@@ -396,7 +421,11 @@ impl<'a> Trainer<'a> {
             bg: opt(sums[2]),
             joint: if plus { Some(sums[3] / n) } else { None },
             nce: opt(sums[4]),
-            schedule_weight: if plus { self.info.settings.s.schedule.weight(p) } else { 0.0 },
+            schedule_weight: if plus {
+                self.info.settings.s.schedule.weight(p)
+            } else {
+                0.0
+            },
             lr,
         })
     }
@@ -419,7 +448,12 @@ impl<'a> Trainer<'a> {
             .zip(self.opt.vars.iter())
             .map(|(n, v)| {
                 let norm = match g.get(v.as_tensor()) {
-                    Some(t) => t.sqr()?.sum_all()?.sqrt()?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                    Some(t) => t
+                        .sqr()?
+                        .sum_all()?
+                        .sqrt()?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?,
                     None => 0.0,
                 };
                 Ok((n.clone(), norm))
@@ -453,7 +487,10 @@ impl<'a> Trainer<'a> {
         let mut meta = HashMap::new();
         meta.insert("step".into(), self.step.to_string());
         meta.insert("adam_t".into(), self.opt.t.to_string());
-        meta.insert("rng_seed".into(), seed.iter().map(|b| format!("{b:02x}")).collect());
+        meta.insert(
+            "rng_seed".into(),
+            seed.iter().map(|b| format!("{b:02x}")).collect(),
+        );
         meta.insert("rng_word_pos".into(), pos.to_string());
         meta.insert("run".into(), serde_json::to_string(&self.info)?);
         meta.insert("order".into(), serde_json::to_string(&self.order)?);
@@ -479,7 +516,9 @@ impl<'a> Trainer<'a> {
         }
         if let Learned::Mappers { mappers, .. } = &mut self.learned {
             for (j, m) in mappers.iter_mut().enumerate() {
-                m.encoder = crate::personalize::neti::FourierEncoding::from_tensor(get(&format!("fourier/{j}"))?)?;
+                m.encoder = crate::personalize::neti::FourierEncoding::from_tensor(get(
+                    &format!("fourier/{j}"),
+                )?)?;
             }
         }
         let field = |k: &str| {
@@ -514,7 +553,10 @@ impl<'a> Trainer<'a> {
                 let p = dir.join(format!("learned_embeds{suffix}.safetensors"));
                 crate::files::save_safetensors(
                     &p,
-                    &[(self.info.placeholder_tokens[0].clone(), rows.narrow(0, 0, n)?)],
+                    &[(
+                        self.info.placeholder_tokens[0].clone(),
+                        rows.narrow(0, 0, n)?,
+                    )],
                     &fmt,
                 )?;
                 written.push(p);
@@ -583,7 +625,11 @@ fn load_examples(
 ) -> Result<Vec<Example>> {
     use crate::data::image as im;
     if subject.train_images.is_empty() {
-        bail!("subject {} has no training images in {}", subject.name, subject.dir.display());
+        bail!(
+            "subject {} has no training images in {}",
+            subject.name,
+            subject.dir.display()
+        );
     }
     let masks = if settings.s.method.uses_attractor() {
         Some(check_masks(subject, dataset_dir)?)
@@ -597,7 +643,10 @@ fn load_examples(
     let mut out = Vec::new();
     for (i, path) in subject.train_images.iter().enumerate() {
         let img = im::load_rgb(path)?;
-        let x = im::to_tensor(&img, res)?.to_device(dev)?.to_dtype(sd.dtype)?.unsqueeze(0)?;
+        let x = im::to_tensor(&img, res)?
+            .to_device(dev)?
+            .to_dtype(sd.dtype)?
+            .unsqueeze(0)?;
         let xf = im::hflip(&x)?;
         let both = Tensor::cat(&[&x, &xf], 0)?;
         let post = sd.vae.encode(&both)?;

@@ -64,7 +64,10 @@ pub struct Skipped {
 /// summaries that were left out with the reason.
 pub fn discover(dir: &Path) -> Result<(Vec<Entry>, Vec<Skipped>)> {
     if !dir.is_dir() {
-        bail!("{}: no such folder (pass the sweep's --out folder)", dir.display());
+        bail!(
+            "{}: no such folder (pass the sweep's --out folder)",
+            dir.display()
+        );
     }
     let mut found = Vec::new();
     walk(dir, &mut found)?;
@@ -82,11 +85,16 @@ pub fn discover(dir: &Path) -> Result<(Vec<Entry>, Vec<Skipped>)> {
         }
     }
     entries.sort_by(|a, b| {
-        (method_rank(&a.method), schedule_rank(&a.schedule), &a.subject).cmp(&(
-            method_rank(&b.method),
-            schedule_rank(&b.schedule),
-            &b.subject,
-        ))
+        (
+            method_rank(&a.method),
+            schedule_rank(&a.schedule),
+            &a.subject,
+        )
+            .cmp(&(
+                method_rank(&b.method),
+                schedule_rank(&b.schedule),
+                &b.subject,
+            ))
     });
     Ok((entries, skipped))
 }
@@ -119,7 +127,10 @@ fn entry(root: &Path, path: &Path) -> Result<Option<Entry>> {
     if summary.config.shard.is_some() {
         return Ok(None);
     }
-    let eval_dir = path.parent().context("summary.json has no folder")?.to_path_buf();
+    let eval_dir = path
+        .parent()
+        .context("summary.json has no folder")?
+        .to_path_buf();
     let run_dir = eval_dir.parent();
     let from_run = run_dir
         .map(|r| r.join("config.json"))
@@ -379,8 +390,7 @@ pub fn method_tag(method: &str) -> String {
 pub fn tables(entries: &[Entry]) -> Vec<Table> {
     let mut out = Vec::new();
     for split in [Split::Test, Split::Train] {
-        let mut groups: BTreeMap<((usize, String), (usize, String)), Vec<&Entry>> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<((usize, String), (usize, String)), Vec<&Entry>> = BTreeMap::new();
         for e in entries {
             let part = match split {
                 Split::Test => &e.summary.test,
@@ -547,7 +557,10 @@ pub fn write_report(sweep: &Path, out: &Path, opts: &ReportOptions) -> Result<Wr
     };
     let mut md = String::from("# Sweep report\n\n");
     for t in &tables {
-        write(&format!("table-{}.csv", split_tag(t.split)), t.to_csv().as_bytes())?;
+        write(
+            &format!("table-{}.csv", split_tag(t.split)),
+            t.to_csv().as_bytes(),
+        )?;
         md.push_str(&t.to_markdown());
         md.push('\n');
     }
@@ -556,7 +569,11 @@ pub fn write_report(sweep: &Path, out: &Path, opts: &ReportOptions) -> Result<Wr
     for t in &tables {
         for (method, rows) in plot::schedule_groups(t) {
             let png = plot::schedule_bars(t, &method, &rows)?;
-            let name = format!("schedules-{}-{}.png", method_tag(&method), split_tag(t.split));
+            let name = format!(
+                "schedules-{}-{}.png",
+                method_tag(&method),
+                split_tag(t.split)
+            );
             write(&name, &png)?;
             plots.push(html::Plot {
                 title: format!("Schedules of {method}, {}", t.title()),
@@ -647,7 +664,10 @@ mod tests {
             (pooled.dino, direct.dino),
         ] {
             assert!((a.mean - b.mean).abs() < 1e-12, "{a:?} vs {b:?}");
-            assert!((a.se.unwrap() - b.se.unwrap()).abs() < 1e-12, "{a:?} vs {b:?}");
+            assert!(
+                (a.se.unwrap() - b.se.unwrap()).abs() < 1e-12,
+                "{a:?} vs {b:?}"
+            );
         }
         let one = pool(&[&metrics(&[[0.1, 0.2, 0.3]])]);
         assert_eq!(one.clip_i.se, None);
