@@ -779,10 +779,11 @@ mod tests {
         }
         let (t, l) = ([10.0, 900.0], [1.0, 14.0]);
         let a = m.forward(&t, &l, Some(32), None).unwrap();
-        assert_eq!(
-            max_abs(&a, &back.forward(&t, &l, Some(32), None).unwrap()),
-            0.0
-        );
+        // The weights are bit-identical (above); the trainable mapper's Linear layers take the
+        // variable-weight path and the loaded one the frozen-weight op of `crate::nn`, whose
+        // float summation order may differ in the last bit.
+        let err = max_abs(&a, &back.forward(&t, &l, Some(32), None).unwrap());
+        assert!(err <= 1e-6, "outputs differ by {err}");
         let vm = VarMap::new();
         let (tr, _) = NetiMapper::load_trainable(&path, &vm, "a1", &dev).unwrap();
         assert_eq!(vm.all_vars().len(), 12);
