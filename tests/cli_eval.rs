@@ -125,7 +125,11 @@ fn readable_errors() {
     let t = tmp.path();
     make_dataset(&t.join("data"));
     let msg = attractor(&["eval", "--run", "@some-run", "--data", "@data"], t).unwrap_err();
-    assert!(msg.contains("not wired yet"), "{msg}");
+    // A folder that is not a training run: the error names its config.json and the fix.
+    assert!(
+        msg.contains("some-run/config.json") && msg.contains("attractor train"),
+        "{msg}"
+    );
 
     let msg = attractor(&["eval", "--images", "@imgs", "--data", "@data"], t).unwrap_err();
     assert!(msg.contains("--out"), "{msg}");
