@@ -5,9 +5,17 @@ use common::fixtures;
 use std::process::Command;
 
 fn sample(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    sample_with(&fixtures().join("tiny-sd"), out, extra)
+}
+
+fn sample_with(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_attractor"))
         .args(["sample", "--model"])
-        .arg(fixtures().join("tiny-sd"))
+        .arg(model)
         .args(["--steps", "3", "--seed", "7", "--offline", "--out"])
         .arg(out)
         .args(extra)
@@ -111,10 +119,7 @@ fn wrong_shape_names_the_key() {
         .unwrap()
         .replace("\"intermediate_size\": 64", "\"intermediate_size\": 65");
     std::fs::write(&cfg, text).unwrap();
-    let o = sample(
-        &t.path().join("o"),
-        &["--prompt", "x", "--model", dst.to_str().unwrap()],
-    );
+    let o = sample_with(&dst, &t.path().join("o"), &["--prompt", "x"]);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("fc1") && e.contains("65"), "{e}");
