@@ -38,14 +38,22 @@ fn dataset(dir: &Path) -> PathBuf {
         .collect();
     assert_eq!(mine.len(), 2);
     std::fs::create_dir_all(&dst).unwrap();
-    std::fs::write(dst.join("subjects.json"), serde_json::to_string(&mine).unwrap()).unwrap();
+    std::fs::write(
+        dst.join("subjects.json"),
+        serde_json::to_string(&mine).unwrap(),
+    )
+    .unwrap();
     let prompts: BTreeMap<String, Vec<String>> =
         serde_json::from_str(&std::fs::read_to_string(src.join("prompts.json")).unwrap()).unwrap();
     let prompts: BTreeMap<_, _> = prompts
         .into_iter()
         .map(|(k, v)| (k, v.into_iter().take(2).collect::<Vec<_>>()))
         .collect();
-    std::fs::write(dst.join("prompts.json"), serde_json::to_string(&prompts).unwrap()).unwrap();
+    std::fs::write(
+        dst.join("prompts.json"),
+        serde_json::to_string(&prompts).unwrap(),
+    )
+    .unwrap();
     for subject in SUBJECTS {
         let (s, d) = (src.join(subject), dst.join(subject));
         let captions: BTreeMap<String, Vec<String>> =
@@ -56,8 +64,11 @@ fn dataset(dir: &Path) -> PathBuf {
             .map(|(k, v)| (k, v.into_iter().take(1).collect::<Vec<_>>()))
             .collect();
         std::fs::create_dir_all(d.join("masks")).unwrap();
-        std::fs::write(d.join("captions.json"), serde_json::to_string(&captions).unwrap())
-            .unwrap();
+        std::fs::write(
+            d.join("captions.json"),
+            serde_json::to_string(&captions).unwrap(),
+        )
+        .unwrap();
         for split in ["train", "test"] {
             std::fs::create_dir_all(d.join(split)).unwrap();
             for e in std::fs::read_dir(s.join(split)).unwrap() {
@@ -150,7 +161,11 @@ fn text(o: &Output) -> (String, String) {
 
 fn ok(o: &Output) -> String {
     let (out, err) = text(o);
-    assert!(o.status.success(), "exit {:?}\nstdout:\n{out}\nstderr:\n{err}", o.status);
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{out}\nstderr:\n{err}",
+        o.status
+    );
     out
 }
 
@@ -198,7 +213,11 @@ fn check_report_folder(dir: &Path) {
     }
     for split in ["test", "train"] {
         let csv = std::fs::read_to_string(dir.join(format!("table-{split}.csv"))).unwrap();
-        let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+        let rows: Vec<Vec<&str>> = csv
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').collect())
+            .collect();
         assert_eq!(rows.len(), 2, "{csv}");
         // neti+ zero, then cosine; 2 subjects x 2 images (split-test: 2 test images x 1
         // caption; classic: 2 prompts) x 1 sample each.
@@ -209,7 +228,10 @@ fn check_report_folder(dir: &Path) {
                 assert!(v.parse::<f64>().unwrap().is_finite(), "{csv}");
             }
         }
-        for png in [format!("methods-{split}.png"), format!("schedules-netiplus-{split}.png")] {
+        for png in [
+            format!("methods-{split}.png"),
+            format!("schedules-netiplus-{split}.png"),
+        ] {
             let img = image::open(dir.join(&png)).unwrap();
             assert!(img.width() > 500 && img.height() > 500, "{png}");
         }
@@ -219,7 +241,14 @@ fn check_report_folder(dir: &Path) {
     let inline = html.matches("src=\"data:image/png;base64,").count();
     assert_eq!(inline, 4 + 4 + 16, "inline images");
     assert!(!html.contains("src=\"http") && !html.contains("src=\"/"));
-    for needle in ["split-test protocol", "classic protocol", "CLIP-T", "DINO", "held-out test images", "cosine"] {
+    for needle in [
+        "split-test protocol",
+        "classic protocol",
+        "CLIP-T",
+        "DINO",
+        "held-out test images",
+        "cosine",
+    ] {
         assert!(html.contains(needle), "report.html lacks {needle}");
     }
 }
@@ -245,10 +274,9 @@ fn local_sweep_runs_skips_resumes_and_reports() {
     for run in run_dirs(&sweep) {
         assert!(run.join("train.done").is_file(), "{}", run.display());
         assert!(run.join("mapper.safetensors").is_file());
-        let summary: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(run.join("eval/summary.json")).unwrap(),
-        )
-        .unwrap();
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("eval/summary.json")).unwrap())
+                .unwrap();
         assert_eq!(summary["config"]["split"], "both");
         assert_eq!(summary["test"]["overall"]["n"], 2);
         assert_eq!(summary["train"]["overall"]["n"], 2);
@@ -264,7 +292,10 @@ fn local_sweep_runs_skips_resumes_and_reports() {
     assert_eq!(out.matches("skip train (done)").count(), 4, "{out}");
     assert_eq!(out.matches("skip eval (done)").count(), 4, "{out}");
     assert!(out.contains("skip report"), "{out}");
-    assert!(!out.contains(": train (") && !out.contains(": eval\n"), "{out}");
+    assert!(
+        !out.contains(": train (") && !out.contains(": eval\n"),
+        "{out}"
+    );
     assert_eq!(mtimes(&sweep.join("runs")), before);
     assert_eq!(mtimes(&sweep.join("report")), report_before);
 
@@ -276,15 +307,19 @@ fn local_sweep_runs_skips_resumes_and_reports() {
     assert_eq!(out.matches("skip train (done)").count(), 3, "{out}");
     assert_eq!(out.matches("skip eval (done)").count(), 4, "{out}");
     assert!(cut.join("train.done").is_file());
-    let log = std::fs::read_to_string(
-        sweep.join("logs").join("dog__netiplus__cosine.train.log"),
-    )
-    .unwrap();
+    let log = std::fs::read_to_string(sweep.join("logs").join("dog__netiplus__cosine.train.log"))
+        .unwrap();
     assert!(log.contains("train --resume"), "{log}");
 
     // `attractor report` on the sweep, into another folder.
     let other = t.join("report2");
-    let argv = ["attractor", "report", sweep.to_str().unwrap(), "--out", other.to_str().unwrap()];
+    let argv = [
+        "attractor",
+        "report",
+        sweep.to_str().unwrap(),
+        "--out",
+        other.to_str().unwrap(),
+    ];
     run(Cli::try_parse_from(argv).unwrap()).unwrap();
     check_report_folder(&other);
     assert_eq!(
@@ -298,18 +333,38 @@ fn local_sweep_runs_skips_resumes_and_reports() {
 fn sweep_script_usage() {
     let o = bash(&script("sweep-schedules.sh"), &["--help".into()], &[]);
     let out = ok(&o);
-    for k in ["--jobs", "--samples", "--steps", "--model", "--data", "ATTRACTOR_BIN"] {
+    for k in [
+        "--jobs",
+        "--samples",
+        "--steps",
+        "--model",
+        "--data",
+        "ATTRACTOR_BIN",
+    ] {
         assert!(out.contains(k), "help lacks {k}");
     }
     let tmp = tempfile::tempdir().unwrap();
     let o = bash(
         &script("sweep-schedules.sh"),
-        &["--out".into(), tmp.path().display().to_string(), "--schedules".into(), "cosin".into()],
+        &[
+            "--out".into(),
+            tmp.path().display().to_string(),
+            "--schedules".into(),
+            "cosin".into(),
+        ],
         &[("ATTRACTOR_BIN", "/bin/true")],
     );
     assert!(!o.status.success());
-    assert!(text(&o).1.contains("unknown schedule 'cosin'"), "{:?}", text(&o));
-    let o = bash(&script("sweep-schedules.sh"), &["--jobs".into(), "0".into()], &[]);
+    assert!(
+        text(&o).1.contains("unknown schedule 'cosin'"),
+        "{:?}",
+        text(&o)
+    );
+    let o = bash(
+        &script("sweep-schedules.sh"),
+        &["--jobs".into(), "0".into()],
+        &[],
+    );
     assert!(!o.status.success());
     assert!(text(&o).1.contains("--jobs 0"));
 }
@@ -330,7 +385,9 @@ fn sbatch_lines(stdout: &str) -> BTreeMap<String, Vec<String>> {
 }
 
 fn flag<'a>(words: &'a [String], name: &str) -> Option<&'a str> {
-    words.iter().find_map(|w| w.strip_prefix(&format!("{name}=")))
+    words
+        .iter()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
 }
 
 /// `submit.sh --dry-run`: three sbatch commands, arrays sized by the task lists, afterok
@@ -378,8 +435,14 @@ fn slurm_dry_run_commands() {
     // ti: one run per subject; neti+: six schedules.
     let runs = n_subjects * (1 + 6);
     let (train, eval, report) = (&jobs["train"], &jobs["eval"], &jobs["report"]);
-    assert_eq!(flag(train, "--array"), Some(format!("0-{}%16", runs - 1).as_str()));
-    assert_eq!(flag(eval, "--array"), Some(format!("0-{}%16", runs * 3 - 1).as_str()));
+    assert_eq!(
+        flag(train, "--array"),
+        Some(format!("0-{}%16", runs - 1).as_str())
+    );
+    assert_eq!(
+        flag(eval, "--array"),
+        Some(format!("0-{}%16", runs * 3 - 1).as_str())
+    );
     assert_eq!(flag(train, "--dependency"), None);
     assert_eq!(flag(eval, "--dependency"), Some("afterok:DRYRUN-train"));
     assert_eq!(flag(report, "--dependency"), Some("afterok:DRYRUN-eval"));
@@ -388,7 +451,9 @@ fn slurm_dry_run_commands() {
         assert_eq!(flag(j, "--partition"), Some("gpu-part"));
         assert_eq!(flag(j, "--gres"), Some("gpu:a100:2"));
         assert_eq!(flag(j, "--account"), Some("proj42"));
-        assert!(j.contains(&"--constraint=fast".to_string()) && j.contains(&"--nice=5".to_string()));
+        assert!(
+            j.contains(&"--constraint=fast".to_string()) && j.contains(&"--nice=5".to_string())
+        );
     }
     assert_eq!(flag(train, "--time"), Some("02:00:00"));
     assert_eq!(flag(eval, "--time"), Some("04:00:00"));
@@ -401,7 +466,11 @@ fn slurm_dry_run_commands() {
 
     let sub = sweep.join("slurm/submit-1");
     let lines = |f: &str| -> Vec<String> {
-        std::fs::read_to_string(sub.join(f)).unwrap().lines().map(String::from).collect()
+        std::fs::read_to_string(sub.join(f))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
     };
     let train_tasks = lines("train-tasks.tsv");
     assert_eq!(train_tasks.len(), runs);
@@ -413,7 +482,10 @@ fn slurm_dry_run_commands() {
     assert!(eval_tasks.contains(&"dog\tneti+\tsigmoid\t2/3".to_string()));
     // The jobs get the settings through sweep.env: the device defaults to cuda with GPUs.
     let env_file = std::fs::read_to_string(sub.join("sweep.env")).unwrap();
-    assert!(env_file.contains("/opt/attractor/bin/attractor"), "{env_file}");
+    assert!(
+        env_file.contains("/opt/attractor/bin/attractor"),
+        "{env_file}"
+    );
     assert!(env_file.contains("\"--device\" [3]=\"cuda\""), "{env_file}");
     assert!(env_file.contains("\"--samples\" [3]=\"2\""), "{env_file}");
 
@@ -429,7 +501,10 @@ fn slurm_dry_run_commands() {
     std::fs::write(run("linear").join("eval-shards/2-of-3/summary.json"), "{}").unwrap();
     let out = ok(&bash(&script("slurm/submit.sh"), &args, &env));
     let jobs = sbatch_lines(&out);
-    assert_eq!(flag(&jobs["train"], "--array"), Some(format!("0-{}%16", runs - 3).as_str()));
+    assert_eq!(
+        flag(&jobs["train"], "--array"),
+        Some(format!("0-{}%16", runs - 3).as_str())
+    );
     assert_eq!(
         flag(&jobs["eval"], "--array"),
         Some(format!("0-{}%16", (runs - 1) * 3 - 1 - 1).as_str())
@@ -438,7 +513,13 @@ fn slurm_dry_run_commands() {
 
     // Everything done: no arrays, only the report job, without dependencies.
     let args1: Vec<String> = [
-        "--dry-run", "--out", sweep.to_str().unwrap(), "--subjects", "dog", "--schedules", "one",
+        "--dry-run",
+        "--out",
+        sweep.to_str().unwrap(),
+        "--subjects",
+        "dog",
+        "--schedules",
+        "one",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -487,11 +568,17 @@ fn slurm_cluster_sweep() {
         .to_string();
     // Wait for the report job to leave the queue.
     loop {
-        let q = Command::new("squeue").args(["-h", "-j", &report_job]).output().unwrap();
+        let q = Command::new("squeue")
+            .args(["-h", "-j", &report_job])
+            .output()
+            .unwrap();
         if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
             break;
         }
-        assert!(t0.elapsed().as_secs() < 900, "the Slurm sweep did not finish in 15 minutes");
+        assert!(
+            t0.elapsed().as_secs() < 900,
+            "the Slurm sweep did not finish in 15 minutes"
+        );
         std::thread::sleep(std::time::Duration::from_secs(3));
     }
     eprintln!("Slurm sweep: {:.1} s", t0.elapsed().as_secs_f64());
@@ -499,10 +586,18 @@ fn slurm_cluster_sweep() {
     let report_log = std::fs::read_dir(&logs)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("report-"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("report-")
+        })
         .map(|p| std::fs::read_to_string(p).unwrap())
         .unwrap_or_default();
-    assert!(sweep.join("report/report.html").is_file(), "no report; report job log:\n{report_log}");
+    assert!(
+        sweep.join("report/report.html").is_file(),
+        "no report; report job log:\n{report_log}"
+    );
     check_report_folder(&sweep.join("report"));
     for run in run_dirs(&sweep) {
         assert!(run.join("eval-shards/1-of-2/summary.json").is_file());

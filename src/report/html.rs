@@ -175,7 +175,8 @@ fn grid_html(samples: &[SampleSet], thumb: u32) -> Result<String> {
         }
         cells.insert((s.method.clone(), s.schedule.clone(), s.subject.clone()), s);
     }
-    let mut h = String::from("<table class=grid>\n<tr><th class=l>method</th><th class=l>schedule</th>");
+    let mut h =
+        String::from("<table class=grid>\n<tr><th class=l>method</th><th class=l>schedule</th>");
     for subj in &subjects {
         let _ = write!(h, "<th class=l>{}</th>", escape(subj));
     }
@@ -196,7 +197,10 @@ fn grid_html(samples: &[SampleSet], thumb: u32) -> Result<String> {
             h.push_str("<td>");
             for p in refs.get(subj.as_str()).into_iter().flatten() {
                 let png = thumbnail(p, thumb)?;
-                let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default();
                 let _ = write!(
                     h,
                     "<img src=\"{}\" title=\"{}\" alt=\"{}\">",
@@ -283,8 +287,10 @@ pub fn page(
             escape(&p.file)
         );
     }
-    h.push_str("<h2>Samples</h2>\n<p class=muted>Generated images of each run (split-test first); \
-                hover for the prompt.</p>\n");
+    h.push_str(
+        "<h2>Samples</h2>\n<p class=muted>Generated images of each run (split-test first); \
+                hover for the prompt.</p>\n",
+    );
     h.push_str(&grid_html(samples, thumb)?);
     h.push_str("<h2>Runs</h2>\n<table>\n<tr><th class=l>subject</th><th class=l>method</th><th class=l>schedule</th><th class=l>evaluation folder</th></tr>\n");
     for e in entries {
@@ -323,6 +329,9 @@ mod tests {
 
     #[test]
     fn escapes_markup() {
-        assert_eq!(escape("a <b> & \"c\" 'd'"), "a &lt;b&gt; &amp; &quot;c&quot; &#39;d&#39;");
+        assert_eq!(
+            escape("a <b> & \"c\" 'd'"),
+            "a &lt;b&gt; &amp; &quot;c&quot; &#39;d&#39;"
+        );
     }
 }

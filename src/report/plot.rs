@@ -104,7 +104,10 @@ fn value_range(stats: &[Stat]) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-const METRICS: [(&str, fn(&Row) -> Stat); 3] = [
+/// A metric's name and how to read it from a row.
+type MetricOf = (&'static str, fn(&Row) -> Stat);
+
+const METRICS: [MetricOf; 3] = [
     ("CLIP-T", |r| r.metrics.clip_t),
     ("CLIP-I", |r| r.metrics.clip_i),
     ("DINO", |r| r.metrics.dino),
@@ -186,7 +189,10 @@ pub fn schedule_bars(table: &Table, method: &str, rows: &[Row]) -> Result<Vec<u8
                     Text::new(
                         format!("{:.4}", s.mean),
                         (SegmentValue::CenterOf(i as i32), hi - (hi - lo) * 0.02),
-                        (FONT, 15).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top)),
+                        (FONT, 15)
+                            .into_font()
+                            .color(&BLACK)
+                            .pos(Pos::new(HPos::Center, VPos::Top)),
                     )
                 }))
                 .map_err(err)?;
@@ -204,8 +210,16 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
     let (x0, x1) = value_range(&dino);
     let (y0, y1) = value_range(&clip_i);
     let ct: Vec<f64> = rows.iter().map(|r| r.metrics.clip_t.mean).collect();
-    let ct_lo = ct.iter().copied().filter(|v| v.is_finite()).fold(f64::INFINITY, f64::min);
-    let ct_hi = ct.iter().copied().filter(|v| v.is_finite()).fold(f64::NEG_INFINITY, f64::max);
+    let ct_lo = ct
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f64::INFINITY, f64::min);
+    let ct_hi = ct
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f64::NEG_INFINITY, f64::max);
     // Radius so that area is linear in CLIP-T between the smallest and largest bubble.
     let radius = |v: f64| -> i32 {
         let (rmin, rmax) = (8.0f64, 40.0f64);
@@ -214,7 +228,9 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
         } else {
             0.5
         };
-        (rmin * rmin + t * (rmax * rmax - rmin * rmin)).sqrt().round() as i32
+        (rmin * rmin + t * (rmax * rmax - rmin * rmin))
+            .sqrt()
+            .round() as i32
     };
     let mut methods: Vec<String> = Vec::new();
     for r in rows {
@@ -223,7 +239,10 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
         }
     }
     render(960, 800, |root| {
-        let title = format!("Methods ({}): x DINO, y CLIP-I, bubble area CLIP-T", table.title());
+        let title = format!(
+            "Methods ({}): x DINO, y CLIP-I, bubble area CLIP-T",
+            table.title()
+        );
         let area = root.titled(&title, (FONT, 24)).map_err(err)?;
         let (plot_area, legend) = area.split_vertically(690);
         let mut chart = ChartBuilder::on(&plot_area)
@@ -261,7 +280,10 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
                 + Text::new(
                     label,
                     (rad + 4, 0),
-                    (FONT, 15).into_font().color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center)),
+                    (FONT, 15)
+                        .into_font()
+                        .color(&BLACK)
+                        .pos(Pos::new(HPos::Left, VPos::Center)),
                 );
             chart.draw_series(std::iter::once(bubble)).map_err(err)?;
         }
@@ -274,7 +296,11 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
             "no CLIP-T values".to_string()
         };
         legend
-            .draw(&Text::new(note, (20, 10), (FONT, 16).into_font().color(&BLACK)))
+            .draw(&Text::new(
+                note,
+                (20, 10),
+                (FONT, 16).into_font().color(&BLACK),
+            ))
             .map_err(err)?;
         let mut x = 20;
         for (i, m) in methods.iter().enumerate() {
@@ -285,7 +311,10 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
                 .draw(&Text::new(
                     m.clone(),
                     (x + 22, 48),
-                    (FONT, 16).into_font().color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center)),
+                    (FONT, 16)
+                        .into_font()
+                        .color(&BLACK)
+                        .pos(Pos::new(HPos::Left, VPos::Center)),
                 ))
                 .map_err(err)?;
             x += 40 + 10 * m.len() as i32;
@@ -333,7 +362,10 @@ mod tests {
         assert_eq!(groups.len(), 1);
         assert_eq!(groups[0].1.len(), 2);
         for (png, (w, h)) in [
-            (schedule_bars(&table, "neti+", &groups[0].1).unwrap(), (960, 1020)),
+            (
+                schedule_bars(&table, "neti+", &groups[0].1).unwrap(),
+                (960, 1020),
+            ),
             (method_bubbles(&table).unwrap(), (960, 800)),
         ] {
             let img = image::load_from_memory(&png).unwrap().to_rgb8();
@@ -343,6 +375,12 @@ mod tests {
                 .pixels()
                 .filter(|p| p.0.iter().max().unwrap() - p.0.iter().min().unwrap() > 80)
                 .count();
+            // The title was drawn with the bundled font: dark pixels in the top band.
+            let title = (0..w)
+                .flat_map(|x| (0..30).map(move |y| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|c| *c < 60))
+                .count();
+            assert!(title > 200, "{title} dark pixels in the title band");
             // Text and axes (dark) and bars / bubbles (coloured) were drawn.
             assert!(dark > 2000, "{dark} dark pixels");
             assert!(coloured > 2000, "{coloured} coloured pixels");
