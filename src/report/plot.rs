@@ -147,6 +147,7 @@ pub fn schedule_bars(table: &Table, method: &str, rows: &[Row]) -> Result<Vec<u8
             };
             chart
                 .configure_mesh()
+                .max_light_lines(1)
                 .disable_x_mesh()
                 .x_labels(rows.len().max(1))
                 .x_label_formatter(&fmt)
@@ -253,6 +254,7 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
             .map_err(err)?;
         chart
             .configure_mesh()
+            .max_light_lines(1)
             .x_desc("DINO")
             .y_desc("CLIP-I")
             .x_label_formatter(&|x| format!("{x:.3}"))
