@@ -54,7 +54,7 @@ run_task() {
     tag="[$index/$TOTAL] $subject $method $schedule"
     local state t0
     state=$(sweep_train_state "$run")
-    if [[ "$state" == done ]]; then
+    if [[ "$state" == "done" ]]; then
         echo "$tag: skip train (done)"
     else
         echo "$tag: train ($state)"
@@ -87,6 +87,7 @@ if [[ "${1:-}" == --run-task ]]; then
 fi
 
 JOBS=1
+# shellcheck disable=SC2034 # SWEEP_CONSUMED is read by sweep_parse
 sweep_own_option() {
     case "$1" in
         --jobs)

@@ -238,8 +238,9 @@ fn check_report_folder(dir: &Path) {
     }
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     // Self-contained: 4 plots, 2 references x 2 subjects, 4 runs x 4 samples, all inline.
-    let inline = html.matches("src=\"data:image/png;base64,").count();
-    assert_eq!(inline, 4 + 4 + 16, "inline images");
+    let plots = html.matches("src=\"data:image/png;base64,").count();
+    let thumbs = html.matches("src=\"data:image/jpeg;base64,").count();
+    assert_eq!((plots, thumbs), (4, 4 + 16), "inline images");
     assert!(!html.contains("src=\"http") && !html.contains("src=\"/"));
     for needle in [
         "split-test protocol",

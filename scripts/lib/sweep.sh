@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared pieces of the schedule sweep: sourced by scripts/sweep-schedules.sh (local) and the
 # Slurm job scripts in scripts/slurm/. Bash 4+. Nothing here runs on its own.
 #
@@ -90,7 +91,7 @@ sweep_log_name() {
 sweep_train_state() {
     local run="$1"
     if [[ -f "$run/train.done" ]]; then
-        echo done
+        echo "done"
     elif [[ -f "$run/config.json" ]]; then
         if compgen -G "$run/checkpoints/step-*.safetensors" >/dev/null; then
             echo resume
@@ -112,7 +113,7 @@ sweep_train() {
     state=$(sweep_train_state "$run")
     mkdir -p "$(dirname "$log")"
     case "$state" in
-        done) return 0 ;;
+        "done") return 0 ;;
         restart)
             # Killed before its first checkpoint: nothing to keep, start over.
             rm -rf -- "$run"
@@ -323,6 +324,7 @@ sweep_write_env() {
 }
 
 # Options shared by both sweeps, for their --help.
+# shellcheck disable=SC2016,SC2034
 SWEEP_COMMON_USAGE='  --out SWEEP_DIR        where runs/, logs/ and report/ go (required)
   --subjects a,b         subjects (default: every subject in the dataset'"'"'s subjects.json)
   --methods m,...        ti, ti+, neti, neti+ (default neti+); ti and neti train once per

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the Slurm job scripts after the submission's sweep.env and scripts/lib/sweep.sh:
 # helpers to pick an array task's line and to run the site's setup commands.
 

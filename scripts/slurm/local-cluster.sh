@@ -79,7 +79,7 @@ EOF
     stop)
         dir="${2:?usage: local-cluster.sh stop DIR}"
         for p in "$dir/slurmd.pid" "$dir/slurmctld.pid"; do
-            [[ -f "$p" ]] && kill "$(cat "$p")" 2>/dev/null || true
+            if [[ -f "$p" ]]; then kill "$(cat "$p")" 2>/dev/null || true; fi
         done
         ;;
     -h | --help | "")

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2153 # SHARDS comes from sweep.env
 # Slurm job: merge each run's evaluation shards into RUN/eval (`attractor eval merge`), then
 # write the report (`attractor report SWEEP_DIR`). Argument: the submission folder.
 set -euo pipefail

@@ -63,6 +63,7 @@ EOF
 
 SHARDS=4
 DRY_RUN=0
+# shellcheck disable=SC2034 # SWEEP_CONSUMED is read by sweep_parse
 sweep_own_option() {
     case "$1" in
         --shards)
@@ -97,6 +98,7 @@ else
     ATTRACTOR_CMD=("$(sweep_find_bin "$ROOT")")
 fi
 ATTRACTOR_JOB_SETUP="${ATTRACTOR_JOB_SETUP:-}"
+: "${ATTRACTOR_CMD[@]}" # written to sweep.env by sweep_write_env
 
 # A fresh submission folder.
 k=1
@@ -113,7 +115,7 @@ for t in "${ALL[@]}"; do
     IFS=$'\t' read -r subject method schedule <<<"$t"
     run=$(sweep_run_dir "$subject" "$method" "$schedule")
     printf '%s\n' "$t" >>"$SUBMIT_DIR/runs.tsv"
-    if [[ $(sweep_train_state "$run") != done ]]; then
+    if [[ $(sweep_train_state "$run") != "done" ]]; then
         printf '%s\n' "$t" >>"$SUBMIT_DIR/train-tasks.tsv"
     fi
     sweep_eval_done "$run" && continue

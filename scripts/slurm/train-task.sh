@@ -14,7 +14,7 @@ run=$(sweep_run_dir "$subject" "$method" "$schedule")
 log="$SWEEP_DIR/logs/$(sweep_log_name "$subject" "$method" "$schedule").train.log"
 state=$(sweep_train_state "$run")
 echo "$subject $method $schedule: train ($state) on $(hostname), log $log"
-if [[ "$state" == done ]]; then
+if [[ "$state" == "done" ]]; then
     echo "skip train (done)"
     exit 0
 fi

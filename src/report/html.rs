@@ -1,5 +1,6 @@
 //! The report's HTML page: one self-contained file (no external requests) with the tables,
-//! the plots and a grid of generated samples, every image embedded as a base64 `data:` URI.
+//! the plots and a grid of generated samples, every image embedded as a base64 `data:` URI
+//! (plots as PNG, sample thumbnails as JPEG).
 
 use super::{fmt_stat, Entry, SampleSet, Table};
 use crate::eval::protocol::Split;
@@ -59,15 +60,17 @@ fn data_uri(png: &[u8]) -> String {
     format!("data:image/png;base64,{}", base64(png))
 }
 
-/// A PNG thumbnail (longest edge `edge`) of an image file.
-fn thumbnail(path: &Path, edge: u32) -> Result<Vec<u8>> {
+/// A JPEG thumbnail (longest edge `edge`, quality 85: a few kB, so a page with hundreds of
+/// samples stays small) of an image file, as a data URI.
+fn thumbnail(path: &Path, edge: u32) -> Result<String> {
     let img = image::open(path)
         .with_context(|| format!("cannot read the sample image {}", path.display()))?;
     let t = img.thumbnail(edge, edge).to_rgb8();
-    let mut png = Vec::new();
-    t.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 85)
+        .encode_image(&t)
         .context("cannot encode a thumbnail")?;
-    Ok(png)
+    Ok(format!("data:image/jpeg;base64,{}", base64(&jpeg)))
 }
 
 const STYLE: &str = "body{font-family:system-ui,-apple-system,'DejaVu Sans',sans-serif;margin:2em;color:#222}\
@@ -196,7 +199,7 @@ fn grid_html(samples: &[SampleSet], thumb: u32) -> Result<String> {
         for subj in &subjects {
             h.push_str("<td>");
             for p in refs.get(subj.as_str()).into_iter().flatten() {
-                let png = thumbnail(p, thumb)?;
+                let uri = thumbnail(p, thumb)?;
                 let name = p
                     .file_name()
                     .map(|n| n.to_string_lossy().to_string())
@@ -204,7 +207,7 @@ fn grid_html(samples: &[SampleSet], thumb: u32) -> Result<String> {
                 let _ = write!(
                     h,
                     "<img src=\"{}\" title=\"{}\" alt=\"{}\">",
-                    data_uri(&png),
+                    uri,
                     escape(&name),
                     escape(&name)
                 );
@@ -224,11 +227,11 @@ fn grid_html(samples: &[SampleSet], thumb: u32) -> Result<String> {
             h.push_str("<td>");
             if let Some(set) = cells.get(&(m.clone(), sch.clone(), subj.clone())) {
                 for (path, prompt) in &set.images {
-                    let png = thumbnail(path, thumb)?;
+                    let uri = thumbnail(path, thumb)?;
                     let _ = write!(
                         h,
                         "<img src=\"{}\" title=\"{}\" alt=\"{}\">",
-                        data_uri(&png),
+                        uri,
                         escape(prompt),
                         escape(prompt)
                     );

@@ -386,11 +386,14 @@ pub fn method_tag(method: &str) -> String {
         .collect()
 }
 
+/// A sort key of [`method_rank`] / [`schedule_rank`].
+type RankKey = (usize, String);
+
 /// The tables of a sweep: one per split that any entry has.
 pub fn tables(entries: &[Entry]) -> Vec<Table> {
     let mut out = Vec::new();
     for split in [Split::Test, Split::Train] {
-        let mut groups: BTreeMap<((usize, String), (usize, String)), Vec<&Entry>> = BTreeMap::new();
+        let mut groups: BTreeMap<(RankKey, RankKey), Vec<&Entry>> = BTreeMap::new();
         for e in entries {
             let part = match split {
                 Split::Test => &e.summary.test,
@@ -624,6 +627,9 @@ pub fn write_report(sweep: &Path, out: &Path, opts: &ReportOptions) -> Result<Wr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eval::protocol::Shard;
+    use crate::eval::store::EvalConfig;
+    use crate::eval::summary::summarize;
 
     fn metrics(values: &[[f64; 3]]) -> Metrics {
         let col = |k: usize| values.iter().map(|v| v[k]).collect::<Vec<_>>();
@@ -672,6 +678,110 @@ mod tests {
         let one = pool(&[&metrics(&[[0.1, 0.2, 0.3]])]);
         assert_eq!(one.clip_i.se, None);
         assert!((one.clip_i.mean - 0.2).abs() < 1e-15);
+    }
+
+    fn record(subject: &str, split: Split, i: usize, v: f64) -> Record {
+        Record {
+            key: format!("{subject}/{}/x/{i}/0", split.as_str()),
+            subject: subject.into(),
+            split,
+            test_image: (split == Split::Test).then(|| "03.jpg".to_string()),
+            caption_index: i,
+            sample: 0,
+            seed: i as u64,
+            prompt: "a photo of {}".into(),
+            clip_t_text: "a photo of dog".into(),
+            clip_t: 0.2 + v,
+            clip_i: 0.7 + v,
+            dino: 0.5 + v,
+            image: format!("images/{i}.png"),
+        }
+    }
+
+    fn write_summary(dir: &Path, records: &[Record], shard: Option<Shard>) {
+        let config = EvalConfig {
+            format: crate::eval::store::FORMAT,
+            split: Split::Both,
+            samples: 1,
+            clip_t_subject: crate::eval::protocol::ClipTSubject::Class,
+            clip: "clip".into(),
+            dino: "dino".into(),
+            images_from: "test".into(),
+            data: "/nowhere".into(),
+            seeds: "test".into(),
+            shard,
+        };
+        std::fs::create_dir_all(dir).unwrap();
+        crate::eval::summary::write_summary(dir, &summarize(records, &config)).unwrap();
+    }
+
+    /// Summaries are found by path layout when no run config is beside them; shard folders
+    /// and unreadable summaries are left out; rows pool the subjects' images.
+    #[test]
+    fn discovers_and_pools_a_sweep_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let runs = tmp.path().join("runs");
+        let mut all_ti = Vec::new();
+        for (k, subject) in ["cat", "dog"].iter().enumerate() {
+            let recs: Vec<Record> = (0..3)
+                .flat_map(|i| {
+                    let v = (k * 3 + i) as f64 * 0.01;
+                    [
+                        record(subject, Split::Test, i, v),
+                        record(subject, Split::Train, i, 2.0 * v),
+                    ]
+                })
+                .collect();
+            all_ti.extend(recs.iter().filter(|r| r.split == Split::Test).cloned());
+            write_summary(&runs.join(subject).join("ti/none/eval"), &recs, None);
+            let plus: Vec<Record> = (0..2)
+                .map(|i| record(subject, Split::Test, i, 0.1))
+                .collect();
+            write_summary(&runs.join(subject).join("neti+/cosine/eval"), &plus, None);
+            write_summary(
+                &runs.join(subject).join("neti+/cosine/eval-shards/1-of-2"),
+                &plus[..1],
+                Some(Shard { index: 1, count: 2 }),
+            );
+        }
+        std::fs::create_dir_all(runs.join("odd")).unwrap();
+        std::fs::write(runs.join("odd/summary.json"), "{\"not\": 1}").unwrap();
+        let (entries, skipped) = discover(tmp.path()).unwrap();
+        assert_eq!(entries.len(), 4);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].path.ends_with("odd/summary.json"));
+        assert_eq!(
+            entries
+                .iter()
+                .map(|e| format!("{} {} {}", e.method, e.schedule, e.subject))
+                .collect::<Vec<_>>(),
+            [
+                "ti - cat",
+                "ti - dog",
+                "neti+ cosine cat",
+                "neti+ cosine dog"
+            ]
+        );
+        let tables = tables(&entries);
+        assert_eq!(tables.len(), 2);
+        let test = &tables[0];
+        assert_eq!(test.split, Split::Test);
+        assert_eq!(test.rows.len(), 2);
+        assert_eq!(test.rows[0].subjects, ["cat", "dog"]);
+        let direct = Metrics::of(&all_ti.iter().collect::<Vec<_>>());
+        assert_eq!(test.rows[0].metrics.n, 6);
+        assert!((test.rows[0].metrics.dino.mean - direct.dino.mean).abs() < 1e-12);
+        assert!((test.rows[0].metrics.dino.se.unwrap() - direct.dino.se.unwrap()).abs() < 1e-12);
+        assert_eq!(test.rows[1].metrics.n, 4);
+        // Only ti has classic results.
+        assert_eq!(tables[1].split, Split::Train);
+        assert_eq!(tables[1].rows.len(), 1);
+        let csv = test.to_csv();
+        assert!(
+            csv.lines().nth(1).unwrap().starts_with("ti,-,2,6,"),
+            "{csv}"
+        );
+        assert!(discover(&tmp.path().join("missing")).is_err());
     }
 
     #[test]

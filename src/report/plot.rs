@@ -104,7 +104,10 @@ fn value_range(stats: &[Stat]) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-const METRICS: [(&str, fn(&Row) -> Stat); 3] = [
+/// A metric's name and how to read it from a row.
+type MetricOf = (&'static str, fn(&Row) -> Stat);
+
+const METRICS: [MetricOf; 3] = [
     ("CLIP-T", |r| r.metrics.clip_t),
     ("CLIP-I", |r| r.metrics.clip_i),
     ("DINO", |r| r.metrics.dino),
@@ -144,6 +147,7 @@ pub fn schedule_bars(table: &Table, method: &str, rows: &[Row]) -> Result<Vec<u8
             };
             chart
                 .configure_mesh()
+                .max_light_lines(1)
                 .disable_x_mesh()
                 .x_labels(rows.len().max(1))
                 .x_label_formatter(&fmt)
@@ -250,6 +254,7 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
             .map_err(err)?;
         chart
             .configure_mesh()
+            .max_light_lines(1)
             .x_desc("DINO")
             .y_desc("CLIP-I")
             .x_label_formatter(&|x| format!("{x:.3}"))
@@ -372,6 +377,12 @@ mod tests {
                 .pixels()
                 .filter(|p| p.0.iter().max().unwrap() - p.0.iter().min().unwrap() > 80)
                 .count();
+            // The title was drawn with the bundled font: dark pixels in the top band.
+            let title = (0..w)
+                .flat_map(|x| (0..30).map(move |y| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|c| *c < 60))
+                .count();
+            assert!(title > 200, "{title} dark pixels in the title band");
             // Text and axes (dark) and bars / bubbles (coloured) were drawn.
             assert!(dark > 2000, "{dark} dark pixels");
             assert!(coloured > 2000, "{coloured} coloured pixels");
