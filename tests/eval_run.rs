@@ -96,3 +96,123 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// `eval --checkpoints`: every saved step of a run scored on both protocols, a step folder each,
+/// the curves as CSV and PNG; a rerun scores nothing again; a run without checkpoints is named.
+#[test]
+fn eval_checkpoints_scores_every_saved_step() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    common::make_dataset(&data);
+    let run = t.path().join("run");
+    let o = bin()
+        .args(["train", "--model"])
+        .arg(fixtures().join("tiny-sd"))
+        .args(["--data"])
+        .arg(&data)
+        .args([
+            "--subject",
+            "dog",
+            "--method",
+            "ti",
+            "--steps",
+            "2",
+            "--save-every",
+            "1",
+            "--resolution",
+            "128",
+            "--batch",
+            "1",
+            "--offline",
+            "--out",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = t.path().join("curves");
+    let eval = |what: &str, target: &std::path::Path| {
+        bin()
+            .args(["eval", what])
+            .arg(target)
+            .arg("--data")
+            .arg(&data)
+            .args(["--samples", "1", "--steps", "2", "--offline", "--model"])
+            .arg(fixtures().join("tiny-sd"))
+            .arg("--clip")
+            .arg(fixtures().join("tiny-clip"))
+            .arg("--dino")
+            .arg(fixtures().join("tiny-dino"))
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = eval("--checkpoints", &run);
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("classic DINO"), "{stdout}");
+    // One evaluation folder per saved step, both protocols: 1 test image x 2 captions and
+    // 2 classic prompts, 1 sample each.
+    let mut ids = Vec::new();
+    for step in [1, 2] {
+        let dir = out.join(format!("step-{step}"));
+        let lines = std::fs::read_to_string(dir.join("results.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 4, "step {step}");
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap())
+                .unwrap();
+        assert!(summary["test"].is_object() && summary["train"].is_object());
+        ids.push(summary["config"].to_string());
+    }
+    assert_ne!(
+        ids[0], ids[1],
+        "each step generates from its own learned files"
+    );
+    // The CSV carries each step's overall summary.
+    let csv = std::fs::read_to_string(out.join("checkpoints.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    let keys: Vec<(&str, &str)> = rows.iter().map(|r| (r[0], r[1])).collect();
+    assert_eq!(
+        keys,
+        [
+            ("1", "split-test"),
+            ("1", "classic"),
+            ("2", "split-test"),
+            ("2", "classic")
+        ]
+    );
+    let s2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("step-2/summary.json")).unwrap())
+            .unwrap();
+    let dino_test: f64 = rows[2][7].parse().unwrap();
+    let want = s2["test"]["overall"]["dino"]["mean"].as_f64().unwrap();
+    assert!((dino_test - want).abs() < 1e-6, "{dino_test} vs {want}");
+    let png = image::open(out.join("checkpoints.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (960, 1020));
+
+    // A rerun resumes: nothing is generated again.
+    let before = std::fs::read_to_string(out.join("step-1/results.jsonl")).unwrap();
+    let o = eval("--checkpoints", &run);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(out.join("step-1/results.jsonl")).unwrap(),
+        before
+    );
+
+    // A run folder without checkpoints: the error says how to keep them.
+    let empty = t.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = eval("--checkpoints", &empty);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("--save-every") && e.contains("empty"), "{e}");
+}

@@ -8,6 +8,8 @@
 //!     DIR/<subject>/<test image stem>/<caption index>/<sample>.png   (split-test)
 //!     DIR/<subject>/classic/<prompt index>/<sample>.png              (classic)
 //! attractor eval merge --out ALL SHARD_DIR...
+//! attractor eval --checkpoints RUN_DIR     every saved step, both protocols: step-N/ folders,
+//!     checkpoints.csv and checkpoints.png (scores over training, the paper's Fig. 1)
 //! ```
 //!
 //! This file resolves flags into [`EvalSettings`] and owns the console output; the protocol,
@@ -15,6 +17,7 @@
 
 use super::Common;
 use crate::data::layout::Dataset;
+use crate::eval::checkpoints::{curves_csv, curves_table, StepScores, CURVES_CSV, CURVES_PNG};
 use crate::eval::protocol::{
     run_protocol_with_progress, score_image_dir, ClipTSubject, Generator, Progress, Shard, Split,
 };
@@ -22,6 +25,7 @@ use crate::eval::{
     store, EvalSettings, Scorers, CLIP_REPO, CLIP_REVISION, DINO_REPO, DINO_REVISION,
 };
 use crate::hub::ModelSource;
+use crate::personalize::trainer::RunInfo;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Subcommand, ValueEnum};
@@ -36,12 +40,18 @@ pub struct EvalArgs {
     #[command(subcommand)]
     pub action: Option<EvalAction>,
     /// Protocol: `test` (split-test, the paper's), `train` (classic DreamBooth prompts against
-    /// the training images) or `both` (and print how much classic overestimates).
-    #[arg(long, value_enum, default_value_t = Split::Test)]
-    pub split: Split,
+    /// the training images) or `both` (and print how much classic overestimates). Default:
+    /// `test`; `both` with `--checkpoints`.
+    #[arg(long, value_enum)]
+    pub split: Option<Split>,
     /// A training run folder (what `train --out` wrote) to generate from.
-    #[arg(long, conflicts_with_all = ["runs", "images"])]
+    #[arg(long, conflicts_with_all = ["runs", "images", "checkpoints"])]
     pub run: Option<PathBuf>,
+    /// A training run folder: evaluate every saved step (`checkpoints/step-N`, see `train
+    /// --save-every`) into `--out` (default RUN_DIR/eval-checkpoints)/step-N, then write
+    /// checkpoints.csv and checkpoints.png, the scores over training.
+    #[arg(long, conflicts_with_all = ["runs", "images", "shard"])]
+    pub checkpoints: Option<PathBuf>,
     /// A folder of run folders: evaluate each.
     #[arg(long, conflicts_with = "images")]
     pub runs: Option<PathBuf>,
@@ -123,6 +133,15 @@ pub struct RunGenerator {
 /// Open a training run as an image generator: SD 1.5 (`--model`, default the run's own base
 /// model) with the run's learned subject.
 pub fn open_run(run_dir: &Path, opts: &GenerationOptions) -> Result<RunGenerator> {
+    let (sd, info) = open_base(run_dir, opts)?;
+    run_generator(run_dir, sd, &info, opts, "")
+}
+
+/// The run's settings and the base model it samples with.
+fn open_base(
+    run_dir: &Path,
+    opts: &GenerationOptions,
+) -> Result<(std::sync::Arc<crate::pipeline::StableDiffusion>, RunInfo)> {
     let cfg = run_dir.join("config.json");
     let text = std::fs::read_to_string(&cfg).with_context(|| {
         format!(
@@ -131,7 +150,7 @@ pub fn open_run(run_dir: &Path, opts: &GenerationOptions) -> Result<RunGenerator
             cfg.display()
         )
     })?;
-    let info: crate::personalize::trainer::RunInfo = serde_json::from_str(&text)
+    let info: RunInfo = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a training run's config", cfg.display()))?;
     let model = opts
         .model
@@ -140,7 +159,18 @@ pub fn open_run(run_dir: &Path, opts: &GenerationOptions) -> Result<RunGenerator
     let source = ModelSource::parse(&model, "main").map_err(|e| anyhow!("--model: {e}"))?;
     let files = crate::hub::resolve_sd(&source, opts.offline)?;
     let sd = crate::pipeline::StableDiffusion::open(&files, &opts.device, candle_core::DType::F32)?;
-    let subject = crate::personalize::generate::LearnedSubject::open(run_dir, &sd)?;
+    Ok((std::sync::Arc::new(sd), info))
+}
+
+/// The generator of a run's learned files with `suffix` (`""`: final, `-steps-N`: step N).
+fn run_generator(
+    run_dir: &Path,
+    sd: std::sync::Arc<crate::pipeline::StableDiffusion>,
+    info: &RunInfo,
+    opts: &GenerationOptions,
+    suffix: &str,
+) -> Result<RunGenerator> {
+    let subject = crate::personalize::generate::LearnedSubject::open_at(run_dir, &sd, suffix)?;
     let native = sd.unet.config.sample_size * 8;
     let settings = crate::pipeline::SampleSettings {
         steps: opts.steps.unwrap_or(50),
@@ -161,9 +191,12 @@ pub fn open_run(run_dir: &Path, opts: &GenerationOptions) -> Result<RunGenerator
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
-        let learned = name == "learned_embeds.safetensors"
-            || name == "attractors.safetensors"
-            || (name.starts_with("mapper") && !name.contains("-steps-"));
+        let ending = format!("{suffix}.safetensors");
+        let learned = name == format!("learned_embeds{ending}")
+            || name == format!("attractors{ending}")
+            || (name.starts_with("mapper")
+                && name.ends_with(&ending)
+                && (!suffix.is_empty() || !name.contains("-steps-")));
         if learned {
             let bytes = std::fs::read(&p)?;
             fingerprint.push(format!("{name}:{:016x}", crate::files::fnv64(&bytes)));
@@ -191,7 +224,7 @@ pub fn open_run(run_dir: &Path, opts: &GenerationOptions) -> Result<RunGenerator
 
 /// SD 1.5 with a learned subject, as the evaluation engine's generator.
 struct RunImages {
-    sd: crate::pipeline::StableDiffusion,
+    sd: std::sync::Arc<crate::pipeline::StableDiffusion>,
     subject: crate::personalize::generate::LearnedSubject,
     settings: crate::pipeline::SampleSettings,
     id: String,
@@ -230,8 +263,13 @@ impl Generator for RunImages {
 impl EvalArgs {
     /// The evaluation settings these flags describe.
     pub fn settings(&self) -> EvalSettings {
+        let default_split = if self.checkpoints.is_some() {
+            Split::Both
+        } else {
+            Split::Test
+        };
         EvalSettings {
-            split: self.split,
+            split: self.split.unwrap_or(default_split),
             samples: self.samples,
             clip_t_subject: self.clip_t_subject,
             shard: self.shard,
@@ -322,9 +360,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         args.run.is_some(),
         args.runs.is_some(),
         args.images.is_some(),
+        args.checkpoints.is_some(),
     ];
     if modes.iter().filter(|m| **m).count() != 1 {
-        bail!("eval: pass one of --run RUN_DIR, --runs DIR or --images DIR (see `attractor eval --help`)");
+        bail!("eval: pass one of --run RUN_DIR, --runs DIR, --images DIR or --checkpoints RUN_DIR (see `attractor eval --help`)");
     }
     let settings = args.settings();
     let dataset = dataset(&args.common)?;
@@ -381,6 +420,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         device: device.clone(),
         offline,
     };
+    if let Some(run_dir) = &args.checkpoints {
+        return checkpoints(args, run_dir, &dataset, &opts, (&clip, &dino));
+    }
     let runs: Vec<PathBuf> = match (&args.run, &args.runs) {
         (Some(r), _) => vec![r.clone()],
         (None, Some(dir)) => {
@@ -428,6 +470,110 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         print_done(&out, &summary);
     }
     Ok(())
+}
+
+/// The learned files saved with checkpoint `step`: `-steps-N` ones, or the final ones for the
+/// last step (training writes those instead).
+fn step_suffix(run_dir: &Path, info: &RunInfo, step: usize, last: usize) -> Result<String> {
+    let main = |suffix: &str| {
+        let name = if info.settings.s.method.uses_neti() {
+            format!("mapper{suffix}.safetensors")
+        } else {
+            format!("learned_embeds{suffix}.safetensors")
+        };
+        run_dir.join(name)
+    };
+    let suffix = format!("-steps-{step}");
+    if main(&suffix).is_file() {
+        return Ok(suffix);
+    }
+    if step == last && main("").is_file() {
+        return Ok(String::new());
+    }
+    bail!(
+        "{}: checkpoints/step-{step}.safetensors has no learned files beside it ({} is missing);          remove that checkpoint or resume the run with `attractor train --resume {}`",
+        run_dir.display(),
+        main(&suffix).display(),
+        run_dir.display()
+    )
+}
+
+/// `eval --checkpoints RUN_DIR`: every saved step into OUT/step-N, then the curves.
+fn checkpoints(
+    args: &EvalArgs,
+    run_dir: &Path,
+    dataset: &Dataset,
+    opts: &GenerationOptions,
+    (clip, dino): (&ModelSource, &ModelSource),
+) -> Result<()> {
+    let saved = super::train::saved_checkpoints(run_dir)?;
+    if saved.is_empty() {
+        bail!(
+            "--checkpoints {}: no checkpoints/step-N.safetensors inside; train with              `attractor train --save-every N --out {}` to keep intermediate steps",
+            run_dir.display(),
+            run_dir.display()
+        );
+    }
+    let last = saved.last().map(|(n, _)| *n).unwrap_or(0);
+    let (sd, info) = open_base(run_dir, opts)?;
+    // Check every step's files before the long part starts.
+    let suffixes = saved
+        .iter()
+        .map(|(n, _)| Ok((*n, step_suffix(run_dir, &info, *n, last)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let settings = args.settings();
+    let subjects = match &args.common.subject {
+        Some(_) => subjects(&args.common, dataset),
+        None => vec![info.subject.clone()],
+    };
+    crate::eval::protocol::build_jobs(&settings, dataset, &subjects, &|_| None)?;
+    let out = args
+        .common
+        .out
+        .clone()
+        .unwrap_or_else(|| run_dir.join("eval-checkpoints"));
+    let mut scorers = Scorers::load(clip, dino, &opts.device, opts.offline)?;
+    let mut curves = Vec::new();
+    for (step, suffix) in &suffixes {
+        let mut opened = run_generator(run_dir, sd.clone(), &info, opts, suffix)?;
+        let step_out = out.join(format!("step-{step}"));
+        let (bar, mut update) = progress_bar(format!("eval step {step}/{last}"));
+        let summary = run_protocol_with_progress(
+            &settings,
+            dataset,
+            &subjects,
+            opened.generator.as_mut(),
+            &mut scorers,
+            &step_out,
+            &mut update,
+        )?;
+        bar.finish_and_clear();
+        curves.push(StepScores::from_summary(*step, &summary));
+        // Rewritten after every step: an interrupted evaluation still leaves its curves so far.
+        write_curves(&out, run_dir, &info, &curves)?;
+    }
+    println!("{}", curves_table(&curves).trim_end());
+    println!(
+        "curves: {}  plot: {}  per step: {}",
+        out.join(CURVES_CSV).display(),
+        out.join(CURVES_PNG).display(),
+        out.join("step-N").display()
+    );
+    Ok(())
+}
+
+fn write_curves(out: &Path, run_dir: &Path, info: &RunInfo, curves: &[StepScores]) -> Result<()> {
+    crate::files::atomic_write(&out.join(CURVES_CSV), curves_csv(curves).as_bytes())?;
+    let name = run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let title = format!(
+        "{name}: {} on {}, scores over training",
+        info.settings.s.method, info.subject
+    );
+    let png = crate::report::plot::training_curves(&title, curves)?;
+    crate::files::atomic_write(&out.join(CURVES_PNG), &png)
 }
 
 fn merge(args: &EvalArgs, m: &MergeArgs) -> Result<()> {

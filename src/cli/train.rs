@@ -129,11 +129,16 @@ pub fn resolve_settings(args: &TrainArgs) -> Result<TrainSettings> {
 
 /// The newest `checkpoints/step-N.safetensors` of a run.
 pub fn latest_checkpoint(run: &Path) -> Result<Option<(usize, PathBuf)>> {
+    Ok(saved_checkpoints(run)?.pop())
+}
+
+/// Every `checkpoints/step-N.safetensors` of a run, by step.
+pub fn saved_checkpoints(run: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let dir = run.join("checkpoints");
     if !dir.is_dir() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let mut best: Option<(usize, PathBuf)> = None;
+    let mut found = Vec::new();
     for e in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let p = e?.path();
         let name = p
@@ -145,12 +150,11 @@ pub fn latest_checkpoint(run: &Path) -> Result<Option<(usize, PathBuf)>> {
             .and_then(|r| r.strip_suffix(".safetensors"))
             .and_then(|n| n.parse::<usize>().ok())
         {
-            if best.as_ref().is_none_or(|(b, _)| n > *b) {
-                best = Some((n, p));
-            }
+            found.push((n, p));
         }
     }
-    Ok(best)
+    found.sort();
+    Ok(found)
 }
 
 /// Keep only the metrics lines up to `step` (a resumed run redoes the steps after its checkpoint).

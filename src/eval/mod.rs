@@ -7,7 +7,9 @@
 //!   [`protocol::Generator`] trait is the seam to the image generator.
 //! - [`store`]: `eval-config.json`, `results.jsonl` (resume, shards), `merge`.
 //! - [`summary`]: means and standard errors, overall and per subject, per split.
+//! - [`checkpoints`]: scores over a run's saved steps (the paper's Fig. 1).
 
+pub mod checkpoints;
 pub mod clip;
 pub mod dino;
 pub mod preprocess;

@@ -22,6 +22,12 @@ pub struct LearnedSubject {
 impl LearnedSubject {
     /// Load a run folder written by `attractor train` (config.json plus the learned files).
     pub fn open(run: &Path, sd: &StableDiffusion) -> Result<Self> {
+        Self::open_at(run, sd, "")
+    }
+
+    /// Load the learned files with `suffix` in their names: `""` for the final ones,
+    /// `-steps-N` for those saved at step N (`train --save-every`).
+    pub fn open_at(run: &Path, sd: &StableDiffusion, suffix: &str) -> Result<Self> {
         let cfg = run.join("config.json");
         let text = std::fs::read_to_string(&cfg).with_context(|| {
             format!(
@@ -38,9 +44,9 @@ impl LearnedSubject {
             let mut mappers = Vec::new();
             for j in 0..1 + info.attractor_tokens.len() {
                 let name = if j == 0 {
-                    "mapper.safetensors".to_string()
+                    format!("mapper{suffix}.safetensors")
                 } else {
-                    format!("mapper-a{}.safetensors", j - 1)
+                    format!("mapper-a{}{suffix}.safetensors", j - 1)
                 };
                 let p = run.join(&name);
                 if !p.is_file() {
@@ -67,11 +73,11 @@ impl LearnedSubject {
                     .ok_or_else(|| anyhow::anyhow!("{} has no tensor {key}", p.display()))
             };
             let mut rows = vec![read(
-                "learned_embeds.safetensors",
+                &format!("learned_embeds{suffix}.safetensors"),
                 &info.placeholder_tokens[0],
             )?];
             for a in &info.attractor_tokens {
-                rows.push(read("attractors.safetensors", a)?);
+                rows.push(read(&format!("attractors{suffix}.safetensors"), a)?);
             }
             Learned::Rows(Tensor::cat(&rows, 0)?.to_dtype(sd.dtype)?)
         };

@@ -11,7 +11,8 @@
 //! carry the exact numbers.
 
 use super::{Row, Table, NO_SCHEDULE};
-use crate::eval::summary::Stat;
+use crate::eval::checkpoints::{StepScores, PROTOCOLS};
+use crate::eval::summary::{Metrics, Stat};
 use anyhow::{anyhow, Context, Result};
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
@@ -325,6 +326,103 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
     })
 }
 
+/// Scores over training steps (PNG, the paper's Fig. 1): a panel per metric, a line per
+/// protocol (split-test, classic) with error bars of one standard error.
+pub fn training_curves(title: &str, steps: &[StepScores]) -> Result<Vec<u8>> {
+    let mut steps: Vec<&StepScores> = steps.iter().collect();
+    steps.sort_by_key(|s| s.step);
+    let x_lo = steps.first().map(|s| s.step as f64).unwrap_or(0.0);
+    let x_hi = steps.last().map(|s| s.step as f64).unwrap_or(1.0);
+    let pad = ((x_hi - x_lo) * 0.05).max(0.5);
+    let (x0, x1) = (x_lo - pad, x_hi + pad);
+    type Get = fn(&Metrics) -> Stat;
+    let metrics: [(&str, Get); 3] = [
+        ("CLIP-T", |m| m.clip_t),
+        ("CLIP-I", |m| m.clip_i),
+        ("DINO", |m| m.dino),
+    ];
+    render(960, 1020, |root| {
+        let area = root.titled(title, (FONT, 24)).map_err(err)?;
+        for (panel, (label, get)) in area.split_evenly((3, 1)).iter().zip(metrics) {
+            let all: Vec<Stat> = steps
+                .iter()
+                .flat_map(|s| PROTOCOLS.iter().filter_map(|(sp, _)| s.get(*sp).map(get)))
+                .collect();
+            let (lo, hi) = value_range(&all);
+            let mut chart = ChartBuilder::on(panel)
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d(x0..x1, lo..hi)
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .max_light_lines(1)
+                .x_desc("training step")
+                .y_desc(label)
+                // Steps are whole numbers: no labels between them on short runs.
+                .x_label_formatter(&|x| {
+                    if (x - x.round()).abs() < 1e-9 {
+                        format!("{x:.0}")
+                    } else {
+                        String::new()
+                    }
+                })
+                .y_label_formatter(&|y| format!("{y:.3}"))
+                .label_style((FONT, 16))
+                .axis_desc_style((FONT, 18))
+                .draw()
+                .map_err(err)?;
+            for (i, (split, name)) in PROTOCOLS.iter().enumerate() {
+                let pts: Vec<(f64, Stat)> = steps
+                    .iter()
+                    .filter_map(|s| s.get(*split).map(|m| (s.step as f64, get(m))))
+                    .filter(|(_, st)| st.mean.is_finite())
+                    .collect();
+                if pts.is_empty() {
+                    continue;
+                }
+                let c = color(i);
+                chart
+                    .draw_series(std::iter::once(PathElement::new(
+                        pts.iter().map(|(x, st)| (*x, st.mean)).collect::<Vec<_>>(),
+                        c.stroke_width(3),
+                    )))
+                    .map_err(err)?
+                    .label(*name)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3))
+                    });
+                chart
+                    .draw_series(
+                        pts.iter()
+                            .map(|(x, st)| Circle::new((*x, st.mean), 4, c.filled())),
+                    )
+                    .map_err(err)?;
+                chart
+                    .draw_series(pts.iter().filter_map(|(x, st)| {
+                        st.se.map(|e| {
+                            PathElement::new(
+                                vec![(*x, st.mean - e), (*x, st.mean + e)],
+                                c.stroke_width(2),
+                            )
+                        })
+                    }))
+                    .map_err(err)?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font((FONT, 16))
+                .draw()
+                .map_err(err)?;
+        }
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,7 +447,40 @@ mod tests {
         }
     }
 
-    /// Both plots render to PNGs of the expected size with text and colour on them.
+    fn curve_steps() -> Vec<StepScores> {
+        (1..=4)
+            .map(|k| {
+                let v = k as f64 * 0.01;
+                StepScores {
+                    step: 100 * k,
+                    test: Some(row("neti", NO_SCHEDULE, v).metrics),
+                    classic: Some(row("neti", NO_SCHEDULE, -v).metrics),
+                }
+            })
+            .collect()
+    }
+
+    /// Both protocols' lines of the curve plot are drawn, in their two colours.
+    #[test]
+    fn training_curves_draw_both_protocols() {
+        let png = training_curves("curves", &curve_steps()).unwrap();
+        let img = image::load_from_memory(&png).unwrap().to_rgb8();
+        for c in [color(0), color(1)] {
+            let n = img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count();
+            assert!(n > 500, "{n} pixels of {c:?}");
+        }
+        // One protocol only (a `--split test` evaluation) still renders.
+        let mut one = curve_steps();
+        one.iter_mut().for_each(|s| s.classic = None);
+        let img = image::load_from_memory(&training_curves("t", &one).unwrap())
+            .unwrap()
+            .to_rgb8();
+        let c = color(1);
+        // Only the legend would have it; no classic line is drawn, so no legend entry either.
+        assert_eq!(img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count(), 0);
+    }
+
+    /// The plots render to PNGs of the expected size with text and colour on them.
     #[test]
     fn plots_render_with_text() {
         let table = Table {
@@ -369,6 +500,10 @@ mod tests {
                 (960, 1020),
             ),
             (method_bubbles(&table).unwrap(), (960, 800)),
+            (
+                training_curves("dog: neti+ on dog, scores over training", &curve_steps()).unwrap(),
+                (960, 1020),
+            ),
         ] {
             let img = image::load_from_memory(&png).unwrap().to_rgb8();
             assert_eq!(img.dimensions(), (w, h));
