@@ -4,7 +4,8 @@
 //! im2col uses flat windows: with the input zero-padded to `Hp x Wp` and flattened per channel,
 //! the kernel tap `(kh, kw)` of a stride-1 convolution reads the contiguous run
 //! `[kh * Wp + kw, kh * Wp + kw + Ho * Wp)`, so every tap is one contiguous copy and the product
-//! yields the output on a `Ho x Wp` grid whose last `Wp - Wo` columns are dropped. The input
+//! yields the output on a `Ho x Wp` grid whose last `Wp - Wo` columns are dropped (large maps go
+//! in bands of rows, to keep each buffer small). The input
 //! gradient of a stride-1 convolution is either the same computation with the kernel flipped and
 //! transposed (cheap when the kernel is small next to the activation), or one product with the
 //! transposed kernel followed by col2im: nine shifted adds on the flat grid (cheap when the kernel
@@ -43,31 +44,59 @@ impl Geom {
     }
 }
 
-/// im2col of `x` `[B, C, H, W]` for a `k x k`, stride-1 kernel with `pad` zeros on every side:
-/// `[B, C * k * k, Ho * Wp]` on the padded-width output grid. `flip` lists the taps in reverse
-/// order (for the flipped kernel of the input gradient).
-fn im2col_flat(x: &Tensor, k: usize, pad: usize, flip: bool) -> Result<Tensor> {
+/// Elements of one im2col buffer: 4 M f32 = 16 MB (larger maps are done in bands of rows), so
+/// the allocator recycles the buffers instead of mapping fresh pages for each.
+const COLS_ELEMS: usize = 1 << 22;
+
+/// A stride-1 `k x k` correlation of `x` `[B, C, H, W]`, zero-padded by `pad` on every side, with
+/// the matrix `w2` `[O, C * k * k]` (taps in row-major `(kh, kw)` order, reversed when `flip`):
+/// `[B, O, Ho * Wp]` on the padded-width output grid (`Wp = W + 2 pad`; the last `k - 1` columns
+/// of every row are junk, see [`crop_grid`]).
+///
+/// im2col with flat windows: with the padded input flattened per channel, tap `(kh, kw)` of
+/// output rows `[r0, r1)` reads the contiguous run starting at `(r0 + kh) * Wp + kw`, so each
+/// tap is one contiguous copy. Bands of output rows keep each buffer under [`COLS_ELEMS`].
+fn correlate_flat(
+    x: &Tensor,
+    w2: &Tensor,
+    k: usize,
+    pad: usize,
+    flip: bool,
+    budget: usize,
+) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (hp, wp) = (h + 2 * pad, w + 2 * pad);
     let ho = hp + 1 - k;
-    let len = ho * wp;
     // One extra zero row keeps the last taps' runs (which reach k - 1 past the grid) in range.
     let xp = x
         .pad_with_zeros(2, pad, pad + 1)?
         .pad_with_zeros(3, pad, pad)?
         .reshape((b, c, (hp + 1) * wp))?;
-    let mut taps = Vec::with_capacity(k * k);
-    for t in 0..k * k {
-        let t = if flip { k * k - 1 - t } else { t };
-        let (kh, kw) = (t / k, t % k);
-        taps.push(xp.narrow(2, kh * wp + kw, len)?.unsqueeze(2)?);
+    let band = (budget / (b * c * k * k * wp).max(1)).clamp(1, ho);
+    let mut outs = Vec::with_capacity(ho.div_ceil(band));
+    let mut r0 = 0;
+    while r0 < ho {
+        let rows = band.min(ho - r0);
+        let len = rows * wp;
+        let mut taps = Vec::with_capacity(k * k);
+        for t in 0..k * k {
+            let t = if flip { k * k - 1 - t } else { t };
+            let (kh, kw) = (t / k, t % k);
+            taps.push(xp.narrow(2, (r0 + kh) * wp + kw, len)?.unsqueeze(2)?);
+        }
+        let cols = Tensor::cat(&taps, 2)?.reshape((b, c * k * k, len))?;
+        outs.push(batched_left(w2, &cols)?);
+        r0 += rows;
     }
-    Tensor::cat(&taps, 2)?.reshape((b, c * k * k, len))
+    Tensor::cat(&outs, 2)
 }
 
 /// `w2 [O, K] @ cols [B, K, L]` -> `[B, O, L]`.
 fn batched_left(w2: &Tensor, cols: &Tensor) -> Result<Tensor> {
     let b = cols.dim(0)?;
+    if b == 1 {
+        return w2.matmul(&cols.squeeze(0)?)?.unsqueeze(0);
+    }
     let (o, kk) = w2.dims2()?;
     w2.unsqueeze(0)?.broadcast_as((b, o, kk))?.matmul(cols)
 }
@@ -96,8 +125,14 @@ fn conv_s1(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, pad: usize) -> Re
         let y = batched_left(&weight.reshape((o, c))?, &x.reshape((b, c, h * w))?)?;
         y.reshape((b, o, h, w))?
     } else {
-        let cols = im2col_flat(x, k, pad, false)?;
-        let y = batched_left(&weight.reshape((o, c * k * k))?, &cols)?;
+        let y = correlate_flat(
+            x,
+            &weight.reshape((o, c * k * k))?,
+            k,
+            pad,
+            false,
+            COLS_ELEMS,
+        )?;
         crop_grid(&y, g.ho(), g.wp(), g.wo())?
     };
     match bias {
@@ -125,18 +160,17 @@ fn conv_s1_input_grad(g: &Tensor, weight: &Tensor, gm: Geom) -> Result<Tensor> {
     let (ho, wo, wp) = (gm.ho(), gm.wo(), gm.wp());
     let cols_len = c * k * k * ho * wp;
     let weight_len = o * c * k * k;
-    if weight_len <= cols_len {
-        // The gradient is a convolution of g (padded by k - 1 - pad) with the flipped kernel,
-        // transposed to [C, O, k, k]; the flip is folded into the order of the im2col taps.
+    if pad < k && weight_len <= cols_len {
+        // The gradient is the correlation of g, padded by k - 1 - pad, with the kernel flipped
+        // and transposed to [C, O, k, k]; the flip is folded into the order of the taps. Its
+        // output grid is H x (Wo + 2 (k - 1 - pad)), of which the first W columns are kept.
         let wt = weight
             .transpose(0, 1)?
             .contiguous()?
             .reshape((c, o * k * k))?;
-        let cols = im2col_flat(g, k, k - 1 - pad, true)?;
-        let grid_w = wo + 2 * (k - 1 - pad);
-        let dx = batched_left(&wt, &cols)?;
-        // The flipped convolution's output grid is H x grid_w (grid_w = W + 2 pad' - k + 1 ... ).
-        return crop_grid(&dx, h, grid_w, w)?.contiguous();
+        let pad_t = k - 1 - pad;
+        let dx = correlate_flat(&g.contiguous()?, &wt, k, pad_t, true, COLS_ELEMS)?;
+        return crop_grid(&dx, h, wo + 2 * pad_t, w)?.contiguous();
     }
     // col2im: dcols = W^T g on the padded-width grid (extra columns zero), then every tap adds its
     // run back at its flat offset in the padded input.
@@ -330,6 +364,20 @@ mod tests {
                         dxv[j]
                     );
                 }
+            }
+        }
+    }
+
+    /// Bands of rows give the same result as one pass over the whole map.
+    #[test]
+    fn banded_correlation_matches_single_pass() {
+        let x = randn(&[2, 3, 7, 5], 3);
+        let w2 = randn(&[4, 27], 4);
+        for flip in [false, true] {
+            let whole = correlate_flat(&x, &w2, 3, 1, flip, usize::MAX).unwrap();
+            for budget in [1, 2 * 27 * 7 * 2, 2 * 27 * 7 * 3] {
+                let banded = correlate_flat(&x, &w2, 3, 1, flip, budget).unwrap();
+                assert!(max_diff(&whole, &banded) < 1e-12, "budget {budget}");
             }
         }
     }
