@@ -107,33 +107,73 @@ fn crop_grid(y: &Tensor, ho: usize, wp: usize, wo: usize) -> Result<Tensor> {
     y.reshape((b, o, ho, wp))?.narrow(3, 0, wo)
 }
 
+/// [`correlate_flat`] wastes `(k - 1) / Wo` of its products on junk columns; below this width
+/// (12 % waste for 3 x 3 kernels and more, as in SD's 16 x 16 and smaller maps at 256 px) the
+/// exact im2col is cheaper, although every tap then takes a strided copy.
+fn exact_is_cheaper(wo: usize, k: usize) -> bool {
+    wo < 24 * (k - 1)
+}
+
+/// [`correlate_flat`] on the exact output grid: `[B, O, Ho * Wo]`; taps are 2-D windows copied
+/// out row by row.
+fn correlate_exact(
+    x: &Tensor,
+    w2: &Tensor,
+    k: usize,
+    pad: usize,
+    flip: bool,
+    budget: usize,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let xp = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+    let (ho, wo) = (h + 2 * pad + 1 - k, w + 2 * pad + 1 - k);
+    let band = (budget / (b * c * k * k * wo).max(1)).clamp(1, ho);
+    let mut outs = Vec::with_capacity(ho.div_ceil(band));
+    let mut r0 = 0;
+    while r0 < ho {
+        let rows = band.min(ho - r0);
+        let mut taps = Vec::with_capacity(k * k);
+        for t in 0..k * k {
+            let t = if flip { k * k - 1 - t } else { t };
+            let (kh, kw) = (t / k, t % k);
+            taps.push(
+                xp.narrow(2, r0 + kh, rows)?
+                    .narrow(3, kw, wo)?
+                    .contiguous()?
+                    .reshape((b, c, 1, rows * wo))?,
+            );
+        }
+        let cols = Tensor::cat(&taps, 2)?.reshape((b, c * k * k, rows * wo))?;
+        outs.push(batched_left(w2, &cols)?);
+        r0 += rows;
+    }
+    Tensor::cat(&outs, 2)
+}
+
+/// The stride-1 correlation of `x` with `w2` (see [`correlate_flat`]) as `[B, O, Ho, Wo]`, by
+/// whichever im2col is cheaper for the width.
+fn correlate(x: &Tensor, w2: &Tensor, k: usize, pad: usize, flip: bool) -> Result<Tensor> {
+    let (b, _, h, w) = x.dims4()?;
+    let o = w2.dim(0)?;
+    let (ho, wo) = (h + 2 * pad + 1 - k, w + 2 * pad + 1 - k);
+    if exact_is_cheaper(wo, k) {
+        correlate_exact(x, w2, k, pad, flip, COLS_ELEMS)?.reshape((b, o, ho, wo))
+    } else {
+        let y = correlate_flat(x, w2, k, pad, flip, COLS_ELEMS)?;
+        crop_grid(&y, ho, w + 2 * pad, wo)
+    }
+}
+
 /// Stride-1 `k x k` convolution of `x` (no graph) with `weight` `[O, C, k, k]` and an optional
 /// bias, as im2col + one matrix product.
 fn conv_s1(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, pad: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (o, _, k, _) = weight.dims4()?;
-    let g = Geom {
-        b,
-        c,
-        h,
-        w,
-        o,
-        k,
-        pad,
-    };
     let y = if k == 1 && pad == 0 {
         let y = batched_left(&weight.reshape((o, c))?, &x.reshape((b, c, h * w))?)?;
         y.reshape((b, o, h, w))?
     } else {
-        let y = correlate_flat(
-            x,
-            &weight.reshape((o, c * k * k))?,
-            k,
-            pad,
-            false,
-            COLS_ELEMS,
-        )?;
-        crop_grid(&y, g.ho(), g.wp(), g.wo())?
+        correlate(x, &weight.reshape((o, c * k * k))?, k, pad, false)?
     };
     match bias {
         Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
@@ -157,43 +197,39 @@ fn conv_s1_input_grad(g: &Tensor, weight: &Tensor, gm: Geom) -> Result<Tensor> {
         let g = g.contiguous()?.reshape((b, o, h * w))?;
         return batched_left(&wt, &g)?.reshape((b, c, h, w));
     }
-    let (ho, wo, wp) = (gm.ho(), gm.wo(), gm.wp());
-    let cols_len = c * k * k * ho * wp;
+    let (ho, wo) = (gm.ho(), gm.wo());
+    let cols_len = c * k * k * ho * wo;
     let weight_len = o * c * k * k;
+    let g = g.contiguous()?;
     if pad < k && weight_len <= cols_len {
         // The gradient is the correlation of g, padded by k - 1 - pad, with the kernel flipped
-        // and transposed to [C, O, k, k]; the flip is folded into the order of the taps. Its
-        // output grid is H x (Wo + 2 (k - 1 - pad)), of which the first W columns are kept.
+        // and transposed to [C, O, k, k]; the flip is folded into the order of the taps.
         let wt = weight
             .transpose(0, 1)?
             .contiguous()?
             .reshape((c, o * k * k))?;
-        let pad_t = k - 1 - pad;
-        let dx = correlate_flat(&g.contiguous()?, &wt, k, pad_t, true, COLS_ELEMS)?;
-        return crop_grid(&dx, h, wo + 2 * pad_t, w)?.contiguous();
+        return correlate(&g, &wt, k, k - 1 - pad, true)?.contiguous();
     }
-    // col2im: dcols = W^T g on the padded-width grid (extra columns zero), then every tap adds its
-    // run back at its flat offset in the padded input.
-    let g_grid = g.pad_with_zeros(3, 0, wp - wo)?.reshape((b, o, ho * wp))?;
+    // col2im: dcols = W^T g, then every tap adds its window back at its offset in the padded
+    // input (cheap where the kernel is large next to the map, as in SD's deep levels).
     let wt = weight.reshape((o, c * k * k))?.t()?;
-    let dcols = batched_left(&wt, &g_grid)?.reshape((b, c, k * k, ho * wp))?;
-    let (hp, len) = (gm.hp(), ho * wp);
-    let total = (hp + 1) * wp;
+    let dcols = batched_left(&wt, &g.reshape((b, o, ho * wo))?)?.reshape((b, c, k * k, ho, wo))?;
+    let (hp, wp) = (gm.hp(), gm.wp());
     let mut acc: Option<Tensor> = None;
     for t in 0..k * k {
-        let off = (t / k) * wp + t % k;
-        let run = dcols.narrow(2, t, 1)?.squeeze(2)?;
-        let placed = run.pad_with_zeros(2, off, total - off - len)?;
+        let (kh, kw) = (t / k, t % k);
+        let placed = dcols
+            .narrow(2, t, 1)?
+            .squeeze(2)?
+            .pad_with_zeros(2, kh, hp - ho - kh)?
+            .pad_with_zeros(3, kw, wp - wo - kw)?;
         acc = Some(match acc {
             None => placed,
             Some(a) => (a + placed)?,
         });
     }
     let acc = acc.ok_or_else(|| candle_core::Error::Msg("conv: empty kernel".into()))?;
-    acc.reshape((b, c, hp + 1, wp))?
-        .narrow(2, pad, h)?
-        .narrow(3, pad, w)?
-        .contiguous()
+    acc.narrow(2, pad, h)?.narrow(3, pad, w)?.contiguous()
 }
 
 /// Input gradient of a strided convolution through candle's transposed convolution. The output
@@ -316,6 +352,7 @@ mod tests {
             (1, 3, 4, 7, 7, 3, 2, 1), // stride 2, odd
             (2, 2, 3, 7, 8, 3, 2, 1), // stride 2, mixed parity
             (1, 2, 2, 6, 5, 3, 1, 0), // no padding
+            (1, 2, 3, 3, 50, 3, 1, 1), // wide map: flat im2col
         ];
         for (i, &(b, c, o, h, w, k, stride, pad)) in cases.iter().enumerate() {
             let x0 = randn(&[b, c, h, w], 10 + i as u64);
@@ -378,6 +415,29 @@ mod tests {
             for budget in [1, 2 * 27 * 7 * 2, 2 * 27 * 7 * 3] {
                 let banded = correlate_flat(&x, &w2, 3, 1, flip, budget).unwrap();
                 assert!(max_diff(&whole, &banded) < 1e-12, "budget {budget}");
+            }
+        }
+    }
+
+    /// The exact im2col gives the same correlation as the flat one (cropped).
+    #[test]
+    fn exact_correlation_matches_flat() {
+        let x = randn(&[2, 3, 5, 6], 5);
+        let w2 = randn(&[4, 27], 6);
+        for flip in [false, true] {
+            let flat = crop_grid(
+                &correlate_flat(&x, &w2, 3, 1, flip, usize::MAX).unwrap(),
+                5,
+                8,
+                6,
+            )
+            .unwrap();
+            for budget in [1, usize::MAX] {
+                let exact = correlate_exact(&x, &w2, 3, 1, flip, budget)
+                    .unwrap()
+                    .reshape((2, 4, 5, 6))
+                    .unwrap();
+                assert!(max_diff(&flat, &exact) < 1e-12, "budget {budget}");
             }
         }
     }
