@@ -294,7 +294,10 @@ impl CaseInputs {
 /// rows get a finite, non-zero gradient.
 pub fn run_once(models: &BenchModels, inputs: &CaseInputs) -> Result<RunTimes> {
     let cpu0 = process_cpu_seconds();
-    let mut r = run_timed(models, inputs)?;
+    // On the CPU this runs the step inside candle's thread pool, so its parallel sections find
+    // warm workers (and this thread among them) instead of waking the global pool each time.
+    let device = models.text_encoder.device().clone();
+    let mut r = device.with_context(|| run_timed(models, inputs))?;
     r.cpu_s = process_cpu_seconds() - cpu0;
     Ok(r)
 }

@@ -42,8 +42,8 @@ fn block_probs(q_blk: &Tensor, kt: &Tensor, scale: f64, mask: Option<&Tensor>) -
     if let Some(m) = mask {
         s = s.broadcast_add(&m.to_dtype(s.dtype())?)?;
     }
-    // The fused kernel has no backward; nothing here is differentiated through candle.
-    candle_nn::ops::softmax_last_dim(&s)
+    // No backward needed: nothing here is differentiated through candle.
+    super::softmax::softmax_last_dim(&s)
 }
 
 /// Attention without a graph, block by block over the queries. All inputs contiguous.
