@@ -191,6 +191,10 @@ pub struct RunTimes {
     pub forward_s: f64,
     /// Backward pass (0 for `sample`).
     pub backward_s: f64,
+    /// CPU time (user + system, all threads) of the whole run: less sensitive than wall time to
+    /// other processes sharing the cores, but it counts the thread pool's spin-waits.
+    #[serde(default)]
+    pub cpu_s: f64,
 }
 
 impl RunTimes {
@@ -289,6 +293,27 @@ impl CaseInputs {
 /// Run a case once: forward (and backward for the training cases), checking that the learned
 /// rows get a finite, non-zero gradient.
 pub fn run_once(models: &BenchModels, inputs: &CaseInputs) -> Result<RunTimes> {
+    let cpu0 = process_cpu_seconds();
+    // On the CPU this runs the step inside candle's thread pool, so its parallel sections find
+    // warm workers (and this thread among them) instead of waking the global pool each time.
+    let device = models.text_encoder.device().clone();
+    let mut r = device.with_context(|| run_timed(models, inputs))?;
+    r.cpu_s = process_cpu_seconds() - cpu0;
+    Ok(r)
+}
+
+/// CPU time this process has used so far (user + system), in seconds; 0 where unavailable.
+pub fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+fn run_timed(models: &BenchModels, inputs: &CaseInputs) -> Result<RunTimes> {
     let te = &models.text_encoder;
     let unet = &models.unet;
     let start = Instant::now();
@@ -306,7 +331,7 @@ pub fn run_once(models: &BenchModels, inputs: &CaseInputs) -> Result<RunTimes> {
             check_finite("guided noise prediction", &eps)?;
             Ok(RunTimes {
                 forward_s: start.elapsed().as_secs_f64(),
-                backward_s: 0.0,
+                ..Default::default()
             })
         }
         Case::Ti => {
@@ -356,6 +381,7 @@ fn backward_to(loss: Tensor, rows: Var, start: Instant) -> Result<RunTimes> {
     Ok(RunTimes {
         forward_s,
         backward_s: mid.elapsed().as_secs_f64(),
+        ..Default::default()
     })
 }
 
@@ -407,6 +433,9 @@ pub struct CaseResult {
     pub median_s: f64,
     pub median_forward_s: f64,
     pub median_backward_s: f64,
+    /// Median CPU seconds (all threads) per run.
+    #[serde(default)]
+    pub median_cpu_s: f64,
     /// Seconds to build the random-weight models (not part of any run).
     pub build_s: f64,
     /// Peak resident memory of the whole process (models included), bytes.
@@ -441,6 +470,7 @@ pub fn measure(
         median_s: pick(RunTimes::total_s),
         median_forward_s: pick(|r| r.forward_s),
         median_backward_s: pick(|r| r.backward_s),
+        median_cpu_s: pick(|r| r.cpu_s),
         runs: all,
         build_s,
         peak_rss_bytes: peak_rss_bytes(),

@@ -62,6 +62,9 @@ struct Row {
     pytorch_rss_gib: Option<f64>,
     /// Our median time over PyTorch's (lower is better).
     time_ratio: Option<f64>,
+    /// The machine's 1-minute load average when the case started (other processes slow the
+    /// wall-clock times down; PyTorch's figures were taken on an idle machine).
+    load_avg: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -125,7 +128,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "ratio = ours / PyTorch 2.15 (SPEC.md §7, same 2-core machine); peak = VmHWM of the case's process, weights included"
+        "ratio = ours / PyTorch 2.15 (SPEC.md §7, same 2-core machine, idle); cpu = CPU seconds of all threads; peak = VmHWM of the case's process, weights included; load = 1-min load average at the start"
     )?;
     if let Some(p) = &args.json {
         crate::files::atomic_write(p, serde_json::to_string_pretty(&report)?.as_bytes())
@@ -190,6 +193,9 @@ fn run_child(args: &BenchArgs, case: Case, size: usize) -> Result<Row> {
     if let Some(bytes) = limit {
         limit_address_space(&mut cmd, bytes);
     }
+    let load_avg = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok());
     let out = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -205,6 +211,7 @@ fn run_child(args: &BenchArgs, case: Case, size: usize) -> Result<Row> {
         pytorch_s: None,
         pytorch_rss_gib: None,
         time_ratio: None,
+        load_avg,
     };
     if let Some((s, rss)) = bench::pytorch_reference(case, size) {
         row.pytorch_s = Some(s);
@@ -262,16 +269,18 @@ fn limit_address_space(cmd: &mut Command, bytes: u64) {
 
 fn header() -> String {
     format!(
-        "{:<7}{:>6}{:>10}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}  {}",
+        "{:<7}{:>6}{:>10}{:>9}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}{:>6}  {}",
         "case",
         "px",
         "median s",
         "fwd s",
         "bwd s",
+        "cpu s",
         "peak GiB",
         "PyTorch s",
         "ratio",
         "PyTorch GiB",
+        "load",
         "status"
     )
 }
@@ -280,16 +289,18 @@ fn format_row(r: &Row) -> String {
     let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
     let res = r.result.as_ref();
     format!(
-        "{:<7}{:>6}{:>10}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}  {}",
+        "{:<7}{:>6}{:>10}{:>9}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}{:>6}  {}",
         r.case.name(),
         r.size,
         f(res.map(|x| x.median_s), 2),
         f(res.map(|x| x.median_forward_s), 2),
         f(res.map(|x| x.median_backward_s), 2),
+        f(res.map(|x| x.median_cpu_s), 1),
         f(r.peak_rss_gib, 2),
         f(r.pytorch_s, 1),
         f(r.time_ratio, 2),
         f(r.pytorch_rss_gib, 1),
+        f(r.load_avg, 1),
         match &r.error {
             Some(e) => format!("{}: {e}", r.status),
             None => r.status.clone(),

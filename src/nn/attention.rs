@@ -11,8 +11,10 @@
 use super::attach::attach;
 use candle_core::{Result, Tensor, D};
 
-/// Elements of one block's score matrix (`B * H * q_block * k_len`): 16 M f32 = 64 MB.
-const BLOCK_ELEMS: usize = 1 << 24;
+/// Elements of one block's score matrix (`B * H * q_block * k_len`): 4 M f32 = 16 MB, small
+/// enough that the allocator recycles the blocks instead of mapping fresh pages for each (glibc
+/// maps anything over 32 MB afresh, and the page faults cost more than the products).
+const BLOCK_ELEMS: usize = 1 << 22;
 
 /// Queries per block for `bh` batch x heads and `k_len` keys, at most `budget` scores a block.
 fn block_len(budget: usize, bh: usize, q_len: usize, k_len: usize) -> usize {
@@ -40,8 +42,8 @@ fn block_probs(q_blk: &Tensor, kt: &Tensor, scale: f64, mask: Option<&Tensor>) -
     if let Some(m) = mask {
         s = s.broadcast_add(&m.to_dtype(s.dtype())?)?;
     }
-    // The fused kernel has no backward; nothing here is differentiated through candle.
-    candle_nn::ops::softmax_last_dim(&s)
+    // No backward needed: nothing here is differentiated through candle.
+    super::softmax::softmax_last_dim(&s)
 }
 
 /// Attention without a graph, block by block over the queries. All inputs contiguous.

@@ -4,7 +4,8 @@
 //! im2col uses flat windows: with the input zero-padded to `Hp x Wp` and flattened per channel,
 //! the kernel tap `(kh, kw)` of a stride-1 convolution reads the contiguous run
 //! `[kh * Wp + kw, kh * Wp + kw + Ho * Wp)`, so every tap is one contiguous copy and the product
-//! yields the output on a `Ho x Wp` grid whose last `Wp - Wo` columns are dropped. The input
+//! yields the output on a `Ho x Wp` grid whose last `Wp - Wo` columns are dropped (large maps go
+//! in bands of rows, to keep each buffer small). The input
 //! gradient of a stride-1 convolution is either the same computation with the kernel flipped and
 //! transposed (cheap when the kernel is small next to the activation), or one product with the
 //! transposed kernel followed by col2im: nine shifted adds on the flat grid (cheap when the kernel
@@ -43,31 +44,59 @@ impl Geom {
     }
 }
 
-/// im2col of `x` `[B, C, H, W]` for a `k x k`, stride-1 kernel with `pad` zeros on every side:
-/// `[B, C * k * k, Ho * Wp]` on the padded-width output grid. `flip` lists the taps in reverse
-/// order (for the flipped kernel of the input gradient).
-fn im2col_flat(x: &Tensor, k: usize, pad: usize, flip: bool) -> Result<Tensor> {
+/// Elements of one im2col buffer: 4 M f32 = 16 MB (larger maps are done in bands of rows), so
+/// the allocator recycles the buffers instead of mapping fresh pages for each.
+const COLS_ELEMS: usize = 1 << 22;
+
+/// A stride-1 `k x k` correlation of `x` `[B, C, H, W]`, zero-padded by `pad` on every side, with
+/// the matrix `w2` `[O, C * k * k]` (taps in row-major `(kh, kw)` order, reversed when `flip`):
+/// `[B, O, Ho * Wp]` on the padded-width output grid (`Wp = W + 2 pad`; the last `k - 1` columns
+/// of every row are junk, see [`crop_grid`]).
+///
+/// im2col with flat windows: with the padded input flattened per channel, tap `(kh, kw)` of
+/// output rows `[r0, r1)` reads the contiguous run starting at `(r0 + kh) * Wp + kw`, so each
+/// tap is one contiguous copy. Bands of output rows keep each buffer under [`COLS_ELEMS`].
+fn correlate_flat(
+    x: &Tensor,
+    w2: &Tensor,
+    k: usize,
+    pad: usize,
+    flip: bool,
+    budget: usize,
+) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (hp, wp) = (h + 2 * pad, w + 2 * pad);
     let ho = hp + 1 - k;
-    let len = ho * wp;
     // One extra zero row keeps the last taps' runs (which reach k - 1 past the grid) in range.
     let xp = x
         .pad_with_zeros(2, pad, pad + 1)?
         .pad_with_zeros(3, pad, pad)?
         .reshape((b, c, (hp + 1) * wp))?;
-    let mut taps = Vec::with_capacity(k * k);
-    for t in 0..k * k {
-        let t = if flip { k * k - 1 - t } else { t };
-        let (kh, kw) = (t / k, t % k);
-        taps.push(xp.narrow(2, kh * wp + kw, len)?.unsqueeze(2)?);
+    let band = (budget / (b * c * k * k * wp).max(1)).clamp(1, ho);
+    let mut outs = Vec::with_capacity(ho.div_ceil(band));
+    let mut r0 = 0;
+    while r0 < ho {
+        let rows = band.min(ho - r0);
+        let len = rows * wp;
+        let mut taps = Vec::with_capacity(k * k);
+        for t in 0..k * k {
+            let t = if flip { k * k - 1 - t } else { t };
+            let (kh, kw) = (t / k, t % k);
+            taps.push(xp.narrow(2, (r0 + kh) * wp + kw, len)?.unsqueeze(2)?);
+        }
+        let cols = Tensor::cat(&taps, 2)?.reshape((b, c * k * k, len))?;
+        outs.push(batched_left(w2, &cols)?);
+        r0 += rows;
     }
-    Tensor::cat(&taps, 2)?.reshape((b, c * k * k, len))
+    Tensor::cat(&outs, 2)
 }
 
 /// `w2 [O, K] @ cols [B, K, L]` -> `[B, O, L]`.
 fn batched_left(w2: &Tensor, cols: &Tensor) -> Result<Tensor> {
     let b = cols.dim(0)?;
+    if b == 1 {
+        return w2.matmul(&cols.squeeze(0)?)?.unsqueeze(0);
+    }
     let (o, kk) = w2.dims2()?;
     w2.unsqueeze(0)?.broadcast_as((b, o, kk))?.matmul(cols)
 }
@@ -78,27 +107,73 @@ fn crop_grid(y: &Tensor, ho: usize, wp: usize, wo: usize) -> Result<Tensor> {
     y.reshape((b, o, ho, wp))?.narrow(3, 0, wo)
 }
 
+/// [`correlate_flat`] wastes `(k - 1) / Wo` of its products on junk columns; below this width
+/// (12 % waste for 3 x 3 kernels and more, as in SD's 16 x 16 and smaller maps at 256 px) the
+/// exact im2col is cheaper, although every tap then takes a strided copy.
+fn exact_is_cheaper(wo: usize, k: usize) -> bool {
+    wo < 24 * (k - 1)
+}
+
+/// [`correlate_flat`] on the exact output grid: `[B, O, Ho * Wo]`; taps are 2-D windows copied
+/// out row by row.
+fn correlate_exact(
+    x: &Tensor,
+    w2: &Tensor,
+    k: usize,
+    pad: usize,
+    flip: bool,
+    budget: usize,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let xp = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+    let (ho, wo) = (h + 2 * pad + 1 - k, w + 2 * pad + 1 - k);
+    let band = (budget / (b * c * k * k * wo).max(1)).clamp(1, ho);
+    let mut outs = Vec::with_capacity(ho.div_ceil(band));
+    let mut r0 = 0;
+    while r0 < ho {
+        let rows = band.min(ho - r0);
+        let mut taps = Vec::with_capacity(k * k);
+        for t in 0..k * k {
+            let t = if flip { k * k - 1 - t } else { t };
+            let (kh, kw) = (t / k, t % k);
+            taps.push(
+                xp.narrow(2, r0 + kh, rows)?
+                    .narrow(3, kw, wo)?
+                    .contiguous()?
+                    .reshape((b, c, 1, rows * wo))?,
+            );
+        }
+        let cols = Tensor::cat(&taps, 2)?.reshape((b, c * k * k, rows * wo))?;
+        outs.push(batched_left(w2, &cols)?);
+        r0 += rows;
+    }
+    Tensor::cat(&outs, 2)
+}
+
+/// The stride-1 correlation of `x` with `w2` (see [`correlate_flat`]) as `[B, O, Ho, Wo]`, by
+/// whichever im2col is cheaper for the width.
+fn correlate(x: &Tensor, w2: &Tensor, k: usize, pad: usize, flip: bool) -> Result<Tensor> {
+    let (b, _, h, w) = x.dims4()?;
+    let o = w2.dim(0)?;
+    let (ho, wo) = (h + 2 * pad + 1 - k, w + 2 * pad + 1 - k);
+    if exact_is_cheaper(wo, k) {
+        correlate_exact(x, w2, k, pad, flip, COLS_ELEMS)?.reshape((b, o, ho, wo))
+    } else {
+        let y = correlate_flat(x, w2, k, pad, flip, COLS_ELEMS)?;
+        crop_grid(&y, ho, w + 2 * pad, wo)
+    }
+}
+
 /// Stride-1 `k x k` convolution of `x` (no graph) with `weight` `[O, C, k, k]` and an optional
 /// bias, as im2col + one matrix product.
 fn conv_s1(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, pad: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (o, _, k, _) = weight.dims4()?;
-    let g = Geom {
-        b,
-        c,
-        h,
-        w,
-        o,
-        k,
-        pad,
-    };
     let y = if k == 1 && pad == 0 {
         let y = batched_left(&weight.reshape((o, c))?, &x.reshape((b, c, h * w))?)?;
         y.reshape((b, o, h, w))?
     } else {
-        let cols = im2col_flat(x, k, pad, false)?;
-        let y = batched_left(&weight.reshape((o, c * k * k))?, &cols)?;
-        crop_grid(&y, g.ho(), g.wp(), g.wo())?
+        correlate(x, &weight.reshape((o, c * k * k))?, k, pad, false)?
     };
     match bias {
         Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
@@ -122,44 +197,39 @@ fn conv_s1_input_grad(g: &Tensor, weight: &Tensor, gm: Geom) -> Result<Tensor> {
         let g = g.contiguous()?.reshape((b, o, h * w))?;
         return batched_left(&wt, &g)?.reshape((b, c, h, w));
     }
-    let (ho, wo, wp) = (gm.ho(), gm.wo(), gm.wp());
-    let cols_len = c * k * k * ho * wp;
+    let (ho, wo) = (gm.ho(), gm.wo());
+    let cols_len = c * k * k * ho * wo;
     let weight_len = o * c * k * k;
-    if weight_len <= cols_len {
-        // The gradient is a convolution of g (padded by k - 1 - pad) with the flipped kernel,
-        // transposed to [C, O, k, k]; the flip is folded into the order of the im2col taps.
+    let g = g.contiguous()?;
+    if pad < k && weight_len <= cols_len {
+        // The gradient is the correlation of g, padded by k - 1 - pad, with the kernel flipped
+        // and transposed to [C, O, k, k]; the flip is folded into the order of the taps.
         let wt = weight
             .transpose(0, 1)?
             .contiguous()?
             .reshape((c, o * k * k))?;
-        let cols = im2col_flat(g, k, k - 1 - pad, true)?;
-        let grid_w = wo + 2 * (k - 1 - pad);
-        let dx = batched_left(&wt, &cols)?;
-        // The flipped convolution's output grid is H x grid_w (grid_w = W + 2 pad' - k + 1 ... ).
-        return crop_grid(&dx, h, grid_w, w)?.contiguous();
+        return correlate(&g, &wt, k, k - 1 - pad, true)?.contiguous();
     }
-    // col2im: dcols = W^T g on the padded-width grid (extra columns zero), then every tap adds its
-    // run back at its flat offset in the padded input.
-    let g_grid = g.pad_with_zeros(3, 0, wp - wo)?.reshape((b, o, ho * wp))?;
+    // col2im: dcols = W^T g, then every tap adds its window back at its offset in the padded
+    // input (cheap where the kernel is large next to the map, as in SD's deep levels).
     let wt = weight.reshape((o, c * k * k))?.t()?;
-    let dcols = batched_left(&wt, &g_grid)?.reshape((b, c, k * k, ho * wp))?;
-    let (hp, len) = (gm.hp(), ho * wp);
-    let total = (hp + 1) * wp;
+    let dcols = batched_left(&wt, &g.reshape((b, o, ho * wo))?)?.reshape((b, c, k * k, ho, wo))?;
+    let (hp, wp) = (gm.hp(), gm.wp());
     let mut acc: Option<Tensor> = None;
     for t in 0..k * k {
-        let off = (t / k) * wp + t % k;
-        let run = dcols.narrow(2, t, 1)?.squeeze(2)?;
-        let placed = run.pad_with_zeros(2, off, total - off - len)?;
+        let (kh, kw) = (t / k, t % k);
+        let placed = dcols
+            .narrow(2, t, 1)?
+            .squeeze(2)?
+            .pad_with_zeros(2, kh, hp - ho - kh)?
+            .pad_with_zeros(3, kw, wp - wo - kw)?;
         acc = Some(match acc {
             None => placed,
             Some(a) => (a + placed)?,
         });
     }
     let acc = acc.ok_or_else(|| candle_core::Error::Msg("conv: empty kernel".into()))?;
-    acc.reshape((b, c, hp + 1, wp))?
-        .narrow(2, pad, h)?
-        .narrow(3, pad, w)?
-        .contiguous()
+    acc.narrow(2, pad, h)?.narrow(3, pad, w)?.contiguous()
 }
 
 /// Input gradient of a strided convolution through candle's transposed convolution. The output
@@ -282,6 +352,7 @@ mod tests {
             (1, 3, 4, 7, 7, 3, 2, 1), // stride 2, odd
             (2, 2, 3, 7, 8, 3, 2, 1), // stride 2, mixed parity
             (1, 2, 2, 6, 5, 3, 1, 0), // no padding
+            (1, 2, 3, 3, 50, 3, 1, 1), // wide map: flat im2col
         ];
         for (i, &(b, c, o, h, w, k, stride, pad)) in cases.iter().enumerate() {
             let x0 = randn(&[b, c, h, w], 10 + i as u64);
@@ -330,6 +401,43 @@ mod tests {
                         dxv[j]
                     );
                 }
+            }
+        }
+    }
+
+    /// Bands of rows give the same result as one pass over the whole map.
+    #[test]
+    fn banded_correlation_matches_single_pass() {
+        let x = randn(&[2, 3, 7, 5], 3);
+        let w2 = randn(&[4, 27], 4);
+        for flip in [false, true] {
+            let whole = correlate_flat(&x, &w2, 3, 1, flip, usize::MAX).unwrap();
+            for budget in [1, 2 * 27 * 7 * 2, 2 * 27 * 7 * 3] {
+                let banded = correlate_flat(&x, &w2, 3, 1, flip, budget).unwrap();
+                assert!(max_diff(&whole, &banded) < 1e-12, "budget {budget}");
+            }
+        }
+    }
+
+    /// The exact im2col gives the same correlation as the flat one (cropped).
+    #[test]
+    fn exact_correlation_matches_flat() {
+        let x = randn(&[2, 3, 5, 6], 5);
+        let w2 = randn(&[4, 27], 6);
+        for flip in [false, true] {
+            let flat = crop_grid(
+                &correlate_flat(&x, &w2, 3, 1, flip, usize::MAX).unwrap(),
+                5,
+                8,
+                6,
+            )
+            .unwrap();
+            for budget in [1, usize::MAX] {
+                let exact = correlate_exact(&x, &w2, 3, 1, flip, budget)
+                    .unwrap()
+                    .reshape((2, 4, 5, 6))
+                    .unwrap();
+                assert!(max_diff(&flat, &exact) < 1e-12, "budget {budget}");
             }
         }
     }

@@ -17,6 +17,7 @@
 mod attach;
 mod attention;
 mod conv;
+mod softmax;
 
 pub use attach::{attach, Backward};
 
