@@ -8,7 +8,7 @@ use attractor::hub::{resolve_sd, ModelSource};
 use attractor::pipeline::{SampleSettings, StableDiffusion};
 use attractor::sd::samplers::SamplerKind;
 use attractor::sd::unet::Conditioning;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::*;
 
 const PIPE_RTOL: f32 = 1e-3;
@@ -17,7 +17,7 @@ const ATOL: f32 = 1e-6;
 fn open_tiny_sd() -> StableDiffusion {
     let files = resolve_sd(&ModelSource::Local(fixtures().join("tiny-sd")), true)
         .expect("tests/fixtures/tiny-sd resolves as a local diffusers folder");
-    StableDiffusion::open(&files, &Device::Cpu, DType::F32).expect("tiny-sd opens")
+    StableDiffusion::open(&files, &dev(), DType::F32).expect("tiny-sd opens")
 }
 
 /// The settings of golden.json `pipe` with the given sampler, at the fixture's 128 x 128.

@@ -4,20 +4,23 @@
 //! tiny fixtures. Images are `golden.json` `score.images` (relative to data/dreambooth-split/),
 //! texts `score.texts`.
 
+mod common;
+use common::dev;
+
 use attractor::eval::clip::ClipScorer;
 use attractor::eval::dino::DinoScorer;
 use attractor::eval::{cosine, Scorers};
 use attractor::hub::ModelSource;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    common::root()
 }
 
 fn golden(key: &str) -> Tensor {
     let path = root().join("tests/fixtures/golden.safetensors");
-    let mut all = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let mut all = candle_core::safetensors::load(&path, &dev()).unwrap();
     all.remove(key)
         .unwrap_or_else(|| panic!("{key} missing from golden.safetensors"))
 }
@@ -95,11 +98,8 @@ fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn clip_pixels_match_clip_image_processor() {
-    let clip = ClipScorer::load(&local("tiny-clip"), &Device::Cpu, true).unwrap();
-    let ours = clip
-        .preprocess
-        .batch(&score_images(), &Device::Cpu)
-        .unwrap();
+    let clip = ClipScorer::load(&local("tiny-clip"), &dev(), true).unwrap();
+    let ours = clip.preprocess.batch(&score_images(), &dev()).unwrap();
     let d = mean_abs_diff(&ours, &golden("clip.pixel_values"));
     eprintln!("clip pixel mean abs diff {d:.4}");
     assert!(d < 0.02, "clip pixel mean abs diff {d}");
@@ -107,7 +107,7 @@ fn clip_pixels_match_clip_image_processor() {
 
 #[test]
 fn clip_image_embeds_match_transformers() {
-    let clip = ClipScorer::load(&local("tiny-clip"), &Device::Cpu, true).unwrap();
+    let clip = ClipScorer::load(&local("tiny-clip"), &dev(), true).unwrap();
     let ours = clip
         .model
         .image_embeds(&golden("clip.pixel_values"))
@@ -123,7 +123,7 @@ fn clip_image_embeds_match_transformers() {
 
 #[test]
 fn clip_text_embeds_match_transformers() {
-    let clip = ClipScorer::load(&local("tiny-clip"), &Device::Cpu, true).unwrap();
+    let clip = ClipScorer::load(&local("tiny-clip"), &dev(), true).unwrap();
     let texts = score_texts();
     let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
     let ours = clip.embed_texts(&refs).unwrap();
@@ -139,7 +139,7 @@ fn clip_text_embeds_match_transformers() {
 #[test]
 fn clip_tokenizer_matches_golden_ids() {
     // tok.ids: the same BPE as SD's tokenizer, padded with <|endoftext|> to 77.
-    let clip = ClipScorer::load(&local("tiny-clip"), &Device::Cpu, true).unwrap();
+    let clip = ClipScorer::load(&local("tiny-clip"), &dev(), true).unwrap();
     let ids = golden("tok.ids").to_vec2::<i64>().unwrap();
     let prompts = golden_json()["tok.prompts"].clone();
     for (row, p) in ids.iter().zip(prompts.as_array().unwrap()) {
@@ -163,11 +163,8 @@ fn clip_tokenizer_matches_golden_ids() {
 
 #[test]
 fn dino_pixels_match_reference_transform() {
-    let dino = DinoScorer::load(&local("tiny-dino"), &Device::Cpu, true).unwrap();
-    let ours = dino
-        .preprocess
-        .batch(&score_images(), &Device::Cpu)
-        .unwrap();
+    let dino = DinoScorer::load(&local("tiny-dino"), &dev(), true).unwrap();
+    let ours = dino.preprocess.batch(&score_images(), &dev()).unwrap();
     let d = mean_abs_diff(&ours, &golden("dino.pixel_values"));
     eprintln!("dino pixel mean abs diff {d:.4}");
     assert!(d < 0.02, "dino pixel mean abs diff {d}");
@@ -175,7 +172,7 @@ fn dino_pixels_match_reference_transform() {
 
 #[test]
 fn dino_cls_matches_transformers() {
-    let dino = DinoScorer::load(&local("tiny-dino"), &Device::Cpu, true).unwrap();
+    let dino = DinoScorer::load(&local("tiny-dino"), &dev(), true).unwrap();
     let ours = dino.model.cls(&golden("dino.pixel_values")).unwrap();
     assert_close("dino.cls", &ours, &golden("dino.cls"), 0.0, 1e-4);
 }
@@ -183,8 +180,7 @@ fn dino_cls_matches_transformers() {
 /// End to end from image files: our preprocessing + models, scores within 2e-3.
 #[test]
 fn scores_match_within_tolerance() {
-    let mut s =
-        Scorers::load(&local("tiny-clip"), &local("tiny-dino"), &Device::Cpu, true).unwrap();
+    let mut s = Scorers::load(&local("tiny-clip"), &local("tiny-dino"), &dev(), true).unwrap();
     let feats = s.image_features(&score_images()).unwrap();
     let texts = score_texts();
     let t_ref = golden("clip.t_scores").to_vec1::<f32>().unwrap();
@@ -215,11 +211,7 @@ fn scores_match_within_tolerance() {
 #[test]
 fn missing_local_file_names_folder_and_file() {
     let dir = tempfile::tempdir().unwrap();
-    let err = match DinoScorer::load(
-        &ModelSource::Local(dir.path().to_path_buf()),
-        &Device::Cpu,
-        true,
-    ) {
+    let err = match DinoScorer::load(&ModelSource::Local(dir.path().to_path_buf()), &dev(), true) {
         Ok(_) => panic!("an empty folder must not load"),
         Err(e) => format!("{e:#}"),
     };

@@ -149,7 +149,7 @@ fn finite_difference_through_text_encoder_and_unet() {
         .unwrap()
         .to_dtype(DType::F64)
         .unwrap();
-    let t = Tensor::new(&[500u32], &candle_core::Device::Cpu).unwrap();
+    let t = Tensor::new(&[500u32], &dev()).unwrap();
     let loss_of = |rows: &Tensor| -> Tensor {
         let ctx = te.forward(ids, Some(rows)).unwrap();
         let out = unet
@@ -168,7 +168,7 @@ fn finite_difference_through_text_encoder_and_unet() {
         let eval = |delta: f64| {
             let mut r = base.clone();
             r[0][j] += delta;
-            let t = Tensor::new(r, &candle_core::Device::Cpu).unwrap();
+            let t = Tensor::new(r, &dev()).unwrap();
             loss_of(&t).to_scalar::<f64>().unwrap()
         };
         let fd = (eval(h) - eval(-h)) / (2.0 * h);

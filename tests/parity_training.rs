@@ -12,7 +12,7 @@ use attractor::personalize::optim::{AdamW, AdamWConfig};
 use attractor::personalize::{bypass, masked_mse, mse};
 use attractor::pipeline::StableDiffusion;
 use attractor::sd::unet::Conditioning;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use common::*;
 use std::collections::HashMap;
 
@@ -22,7 +22,7 @@ const GRAD_ATOL: f32 = 1e-9;
 fn open_tiny_sd() -> StableDiffusion {
     let files = resolve_sd(&ModelSource::Local(fixtures().join("tiny-sd")), true)
         .expect("tests/fixtures/tiny-sd resolves as a local diffusers folder");
-    StableDiffusion::open(&files, &Device::Cpu, DType::F32).expect("tiny-sd opens")
+    StableDiffusion::open(&files, &dev(), DType::F32).expect("tiny-sd opens")
 }
 
 /// `<v*>` added to the tokenizer (id 49408 as in golden.json) and the prompt tokenized.

@@ -2,11 +2,14 @@
 //! diffusers 0.42 on the tiny-sd fixture), plus closed-form checks of the sampler updates.
 //! Tolerances: tests/fixtures/README.md (`max|ours - ref| <= atol + rtol * max|ref|`).
 
+mod common;
+use common::dev;
+
 use attractor::rng::Rng;
 use attractor::sd::samplers::{make_sampler, SamplerKind};
 use attractor::sd::schedule::{NoiseSchedule, SchedulerConfig};
 use attractor::sd::vae::{Vae, VaeConfig};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,11 +18,11 @@ const FORWARD_RTOL: f32 = 1e-4;
 const ATOL: f32 = 1e-6;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    common::root().join("tests/fixtures")
 }
 
 fn golden() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("golden.safetensors"), &Device::Cpu)
+    candle_core::safetensors::load(fixtures().join("golden.safetensors"), &dev())
         .expect("tests/fixtures/golden.safetensors")
 }
 
@@ -48,10 +51,10 @@ fn sched_config() -> SchedulerConfig {
 fn load_vae() -> Vae {
     let w = candle_core::safetensors::load(
         fixtures().join("tiny-sd/vae/diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
+        &dev(),
     )
     .expect("vae weights");
-    let vb = VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(w, DType::F32, &dev());
     Vae::new(vb, &vae_config()).expect("vae builds from the diffusers keys")
 }
 
@@ -108,7 +111,7 @@ fn posterior_sample_is_seeded_and_follows_the_formula() {
     assert_eq!(to_vec(&a), to_vec(&b), "same seed, same sample");
     assert_ne!(to_vec(&a), to_vec(&c), "another seed, another sample");
     // mean + exp(0.5 logvar) * n, with n the first draws of the same stream.
-    let n = Rng::new(7).randn(post.mean.shape(), &Device::Cpu).unwrap();
+    let n = Rng::new(7).randn(post.mean.shape(), &dev()).unwrap();
     let std = (&post.logvar * 0.5).unwrap().exp().unwrap();
     let expect = (&post.mean + (std * n).unwrap()).unwrap();
     let err = max_abs(&(&a - &expect).unwrap());
@@ -138,7 +141,7 @@ fn unsupported_vae_block_type_names_key_and_value() {
     // A config built by hand is checked by Vae::new as well.
     let mut cfg = vae_config();
     cfg.up_block_types[0] = "AttnUpDecoderBlock2D".into();
-    let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let vb = VarBuilder::zeros(DType::F32, &dev());
     let err = Vae::new(vb, &cfg).unwrap_err().to_string();
     assert!(
         err.contains("up_block_types[0]") && err.contains("AttnUpDecoderBlock2D"),
@@ -263,8 +266,8 @@ fn ddim_step_matches_hand_computation() {
     let mut ddim = make_sampler(SamplerKind::Ddim, &sched, &cfg, 10).unwrap();
     let x = [1.5f64, -0.25, 0.0, 2.0];
     let e = [0.3f64, -1.2, 0.7, 0.0];
-    let xt = Tensor::new(&[1.5f32, -0.25, 0.0, 2.0], &Device::Cpu).unwrap();
-    let et = Tensor::new(&[0.3f32, -1.2, 0.7, 0.0], &Device::Cpu).unwrap();
+    let xt = Tensor::new(&[1.5f32, -0.25, 0.0, 2.0], &dev()).unwrap();
+    let et = Tensor::new(&[0.3f32, -1.2, 0.7, 0.0], &dev()).unwrap();
     for (t, prev_abar) in [
         (901usize, sched.alpha_bar(801).unwrap()),
         (1, sched.alpha_bar(0).unwrap()),
@@ -335,8 +338,8 @@ fn dpmpp2m_matches_f64_rederivation_for_constant_eps() {
         let ts = dpm.timesteps().to_vec();
         let inits = [1.3f32, -0.7, 0.05];
         let eps_val = [0.4f32, -0.9, 1.1];
-        let mut x = Tensor::new(&inits, &Device::Cpu).unwrap();
-        let eps = Tensor::new(&eps_val, &Device::Cpu).unwrap();
+        let mut x = Tensor::new(&inits, &dev()).unwrap();
+        let eps = Tensor::new(&eps_val, &dev()).unwrap();
         for &t in &ts {
             x = dpm.step(&eps, t, &x).unwrap();
         }
@@ -378,7 +381,7 @@ fn dpmpp2m_solves_the_gaussian_probability_flow() {
     for steps in [10usize, 25, 50] {
         let mut dpm = make_sampler(SamplerKind::Dpmpp2m, &sched, &cfg, steps).unwrap();
         let ts = dpm.timesteps().to_vec();
-        let mut x = Tensor::new(&x_init, &Device::Cpu).unwrap();
+        let mut x = Tensor::new(&x_init, &dev()).unwrap();
         for &t in &ts[..ts.len() - 1] {
             let eps = (&x * ((1.0 - abar[t]).sqrt() / scale(t).powi(2))).unwrap();
             x = dpm.step(&eps, t, &x).unwrap();

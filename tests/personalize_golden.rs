@@ -4,19 +4,22 @@
 //! transformers' CLIP tokenizer with diffusers' `tokenizer.add_tokens` (`tok.ids`, `te.inj_ids`,
 //! `ti.ids`). Tolerance: `max|ours - ref| <= atol + rtol * max|ref|`.
 
+mod common;
+use common::dev;
+
 use attractor::personalize::neti::{FourierEncoding, MapperConfig, NetiMapper, UNET_LAYERS};
 use attractor::personalize::{info_nce, ClipTokenizer};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    common::root().join("tests/fixtures")
 }
 
 fn golden() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("golden.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixtures().join("golden.safetensors"), &dev()).unwrap()
 }
 
 fn golden_json() -> serde_json::Value {
@@ -54,7 +57,7 @@ fn golden_mapper(g: &HashMap<String, Tensor>) -> NetiMapper {
     let norm = f32s(&g["neti.norm_scale"])[0] as f64;
     let word_dim = g["neti.mapper.output_layer.0.bias"].dim(0).unwrap() / 2;
     let cfg = MapperConfig::new(word_dim, norm);
-    let vb = VarBuilder::from_tensors(g.clone(), DType::F32, &Device::Cpu).pp("neti.mapper");
+    let vb = VarBuilder::from_tensors(g.clone(), DType::F32, &dev()).pp("neti.mapper");
     NetiMapper::new(vb, FourierEncoding::from_tensor(w.clone()).unwrap(), &cfg).unwrap()
 }
 

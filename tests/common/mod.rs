@@ -12,12 +12,30 @@ use attractor::hub::ModelSource;
 use image::RgbImage;
 use std::path::Path;
 
+/// The device the parity suites run on: `ATTRACTOR_TEST_DEVICE` = `cpu` (the default) or
+/// `cuda:N` (scripts/gpu-check.sh runs them on a GPU this way). One device per process: candle
+/// tells CUDA devices apart by the context they were opened with.
+pub fn dev() -> Device {
+    static DEV: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEV.get_or_init(|| match std::env::var("ATTRACTOR_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok(s) => {
+            let n: usize = s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("ATTRACTOR_TEST_DEVICE={s}: use cpu or cuda:N"));
+            Device::new_cuda(n).unwrap_or_else(|e| panic!("ATTRACTOR_TEST_DEVICE={s}: {e}"))
+        }
+    })
+    .clone()
+}
+
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    root().join("tests/fixtures")
 }
 
 pub fn golden() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("golden.safetensors"), &Device::Cpu)
+    candle_core::safetensors::load(fixtures().join("golden.safetensors"), &dev())
         .expect("golden.safetensors")
 }
 
@@ -27,7 +45,7 @@ pub fn golden_json() -> serde_json::Value {
 
 pub fn vb(rel: &str) -> VarBuilder<'static> {
     let p = fixtures().join(rel);
-    unsafe { VarBuilder::from_mmaped_safetensors(&[p], DType::F32, &Device::Cpu).unwrap() }
+    unsafe { VarBuilder::from_mmaped_safetensors(&[p], DType::F32, &dev()).unwrap() }
 }
 
 pub fn max_abs(t: &Tensor) -> f32 {
@@ -60,8 +78,13 @@ pub fn assert_close(name: &str, ours: &Tensor, reference: &Tensor, rtol: f32, at
 pub const FWD_RTOL: f32 = 1e-4;
 pub const GRAD_RTOL: f32 = 1e-3;
 
+/// The repository: `ATTRACTOR_TEST_ROOT` when set (a test executable carried to another machine,
+/// scripts/gpu-check.sh), else the checkout it was built in.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    match std::env::var_os("ATTRACTOR_TEST_ROOT") {
+        Some(r) if !r.is_empty() => PathBuf::from(r),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
 }
 
 pub fn tiny(dir: &str) -> ModelSource {
@@ -69,7 +92,7 @@ pub fn tiny(dir: &str) -> ModelSource {
 }
 
 pub fn scorers() -> Scorers {
-    Scorers::load(&tiny("tiny-clip"), &tiny("tiny-dino"), &Device::Cpu, true).unwrap()
+    Scorers::load(&tiny("tiny-clip"), &tiny("tiny-dino"), &dev(), true).unwrap()
 }
 
 /// A smooth, seed-dependent picture: different seeds give clearly different features.
