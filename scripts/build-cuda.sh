@@ -7,9 +7,10 @@
 # 1. nvcc from PyPI (pinned CUDA 13.0 wheels: the lent GPUs' driver 580 loads 13.0 PTX, not 13.5)
 #    into .cuda/toolkit, unless CUDA_ROOT already points at a toolkit with bin/nvcc.
 # 2. Link stubs: candle-core 0.11.1 links libcuda, libnvrtc, libcurand, libcublas, libcublasLt
-#    (and libcudart) by name. Stub libraries exporting every function cudarc declares (read from
+#    and libcudart by name. Stub libraries exporting every function cudarc declares (read from
 #    cudarc's own sources in the cargo registry) let the linker finish; at run time the real ones
-#    are used (the driver's libcuda.so.1, PyTorch's cu13 wheels for the rest).
+#    are used (the driver's libcuda.so.1, PyTorch's cu13 wheels for the rest). libcudart is the
+#    real one from the pinned wheel.
 # 3. `cargo build --release --features cuda` (its own target folder, so the CPU build is kept)
 #    for the binary and tests/gpu_parity.rs, stripped and packed as OUT/attractor-cuda.tar.xz.
 #
@@ -63,7 +64,7 @@ nvcc --version | tail -n 2
 #    the linker wants and the versioned names (sonames) the binary will ask for at run time.
 stubs="$root/lib64"
 mkdir -p "$stubs"
-cudarc=$(cargo metadata --format-version 1 --locked |
+cudarc=$(cargo metadata --format-version 1 --locked --features cuda |
     python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc"))')
 cudarc=$(dirname "$cudarc")
 # library  soname  cudarc modules whose functions it exports
@@ -77,6 +78,15 @@ libs=(
 )
 for spec in "${libs[@]}"; do
     read -r name soname modules <<<"$spec"
+    # The CUDA runtime of the nvidia-cuda-runtime wheel is the real one: candle-kernels' MoE
+    # library also calls cudart's internal launch and registration functions (__cudaLaunchKernel,
+    # __cudaRegisterFatBinary, ...), which cudarc does not declare. It loads without a GPU.
+    if [[ -e "$root/lib/$soname" ]]; then
+        ln -sf "../lib/$soname" "$stubs/lib$name.so"
+        ln -sf "../lib/$soname" "$stubs/$soname"
+        rm -f "$stubs/stub-$name.c"
+        continue
+    fi
     c="$stubs/stub-$name.c"
     : >"$c"
     for m in $modules; do
@@ -111,7 +121,10 @@ strip "$stage/bin/attractor" "$stage/bin/gpu_parity"
 # Both must at least start here (on the stubs) and say what they are.
 "$stage/bin/attractor" --version
 "$stage/bin/gpu_parity" --list >/dev/null
-tar -C "$stage" -cf - bin | xz -T0 -9 >"$out/attractor-cuda.tar.xz.tmp"
+# One xz stream with a dictionary larger than either executable: most of their bytes (candle's
+# kernels) are shared, so the pack is about 12 MB instead of 19, small enough to travel with the
+# repository to a GPU machine (the device tool's 64 MiB limit).
+tar -C "$stage" -cf - bin | xz -9e -T1 --lzma2=preset=9e,dict=192MiB >"$out/attractor-cuda.tar.xz.tmp"
 mv "$out/attractor-cuda.tar.xz.tmp" "$out/attractor-cuda.tar.xz"
 rm -rf "$stage"
 ls -l "$out/attractor-cuda.tar.xz"

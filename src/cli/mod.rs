@@ -74,7 +74,13 @@ pub fn parse_device(s: &str) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device {s}: this binary was built without CUDA; rebuild with `cargo build --release --features cuda` (see scripts/build-cuda.sh) or use --device cpu");
             }
-            Ok(Device::new_cuda(n)?)
+            Device::new_cuda(n).map_err(|e| {
+                anyhow::anyhow!(
+                    "--device {s}: cannot open CUDA device {n} ({e}); check that an NVIDIA driver \
+                     is installed, that `nvidia-smi` lists the GPU and that libcuda.so.1 and the \
+                     CUDA 13 libraries (cuBLAS, cuRAND, NVRTC) are on LD_LIBRARY_PATH"
+                )
+            })
         }
         _ => bail!("--device {s}: expected cpu or cuda:N"),
     }
