@@ -239,7 +239,7 @@ pub struct CaseInputs {
 
 impl CaseInputs {
     pub fn new(models: &BenchModels, case: Case, size: usize, seed: u64) -> Result<Self> {
-        if size == 0 || size % 8 != 0 {
+        if size == 0 || !size.is_multiple_of(8) {
             candle_core::bail!("image size {size} is not a positive multiple of 8");
         }
         let dev = models.text_encoder.device().clone();

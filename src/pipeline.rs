@@ -138,7 +138,7 @@ impl StableDiffusion {
     /// Initial latents `[1, 4, h/8, w/8]` from a seed (our own RNG: same seed, same bytes).
     pub fn initial_latents(&self, s: &SampleSettings, seed: u64) -> Result<Tensor> {
         let f = 1usize << (self.vae_config.block_out_channels.len() - 1);
-        if s.height % f != 0 || s.width % f != 0 {
+        if !s.height.is_multiple_of(f) || !s.width.is_multiple_of(f) {
             anyhow::bail!(
                 "--height/--width must be multiples of {f}, got {}x{}",
                 s.height,

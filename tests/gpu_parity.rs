@@ -3,6 +3,9 @@
 //! executable to carry instead of six). On the CPU (CI) it repeats the suites, which keeps it
 //! compiling.
 
+// Each suite declares `mod common;`: one copy of the helpers per suite, as in their own binaries.
+#![allow(clippy::duplicate_mod)]
+
 #[path = "parity_pipeline.rs"]
 mod parity_pipeline;
 #[path = "parity_scorers.rs"]

@@ -153,7 +153,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if channels % groups != 0 {
+        if !channels.is_multiple_of(groups) {
             candle_core::bail!(
                 "group norm {}: {channels} channels do not split into {groups} groups",
                 vb.prefix()

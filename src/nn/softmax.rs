@@ -46,6 +46,7 @@ impl CustomOp1 for CpuSoftmax {
         let out = OutPtr(dst.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
             // Capture the whole (Sync) wrapper, not its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
             let out = out;
             for r in range {
                 let s = &src[r * d..(r + 1) * d];

@@ -106,7 +106,7 @@ impl TrainSettings {
         if steps == 0 || batch == 0 || grad_accum == 0 {
             anyhow::bail!("steps, batch and grad_accum must be at least 1 (got {steps}, {batch}, {grad_accum})");
         }
-        if self.resolution % 8 != 0 || self.resolution == 0 {
+        if !self.resolution.is_multiple_of(8) || self.resolution == 0 {
             anyhow::bail!(
                 "resolution {} is not a positive multiple of 8",
                 self.resolution

@@ -330,8 +330,8 @@ impl<'a> Trainer<'a> {
         let first = |row: usize, id: u32| tokens[row].positions(id).first().copied();
         let mut v_at = Vec::new();
         let mut a_at = Vec::new();
-        for i in 0..b {
-            let a_id = self.vocab + (self.info.placeholder_tokens.len() + ks[i]) as u32;
+        for (i, k) in ks.iter().enumerate().take(b) {
+            let a_id = self.vocab + (self.info.placeholder_tokens.len() + k) as u32;
             for row in [i, 2 * b + i] {
                 if let Some(p) = first(row, v_id) {
                     v_at.push((row, p));
