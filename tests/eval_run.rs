@@ -216,3 +216,81 @@ fn eval_checkpoints_scores_every_saved_step() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("--save-every") && e.contains("empty"), "{e}");
 }
+
+/// `eval --checkpoints` on a NeTI run: each step loads its own `mapper-steps-N` files (the last
+/// step the final `mapper.safetensors`); `--split test` narrows it to the split-test protocol.
+#[test]
+fn eval_checkpoints_of_a_neti_run() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    common::make_dataset(&data);
+    let run = t.path().join("run");
+    let o = bin()
+        .args(["train", "--model"])
+        .arg(fixtures().join("tiny-sd"))
+        .args(["--data"])
+        .arg(&data)
+        .args([
+            "--subject",
+            "candle",
+            "--method",
+            "neti",
+            "--steps",
+            "2",
+            "--save-every",
+            "1",
+            "--resolution",
+            "128",
+            "--batch",
+            "1",
+            "--offline",
+            "--out",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(run.join("mapper-steps-1.safetensors").is_file());
+    let out = t.path().join("curves");
+    let o = bin()
+        .args(["eval", "--checkpoints"])
+        .arg(&run)
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "--split",
+            "test",
+            "--samples",
+            "1",
+            "--steps",
+            "2",
+            "--offline",
+        ])
+        .arg("--model")
+        .arg(fixtures().join("tiny-sd"))
+        .arg("--clip")
+        .arg(fixtures().join("tiny-clip"))
+        .arg("--dino")
+        .arg(fixtures().join("tiny-dino"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(out.join("checkpoints.csv")).unwrap();
+    let keys: Vec<String> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').take(3).collect::<Vec<_>>().join(","))
+        .collect();
+    assert_eq!(keys, ["1,split-test,2", "2,split-test,2"]);
+    let config = |step: usize| {
+        std::fs::read_to_string(out.join(format!("step-{step}/eval-config.json"))).unwrap()
+    };
+    assert!(
+        config(1).contains("mapper-steps-1.safetensors"),
+        "{}",
+        config(1)
+    );
+    assert!(config(2).contains("mapper.safetensors"), "{}", config(2));
+}
