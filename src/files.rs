@@ -105,8 +105,12 @@ pub fn append_line(path: &Path, line: &str) -> Result<()> {
     Ok(())
 }
 
-/// Save an 8-bit RGB image as PNG, atomically (same image, same bytes).
-pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<()> {
+/// Save an 8-bit image (RGB samples, grey masks) as PNG, atomically (same image, same bytes).
+pub fn save_png<P>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>, path: &Path) -> Result<()>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+{
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)
         .with_context(|| format!("cannot encode {}", path.display()))?;

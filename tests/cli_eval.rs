@@ -7,7 +7,7 @@
 mod common;
 
 use attractor::cli::{run, Cli};
-use attractor::eval::protocol::save_png;
+use attractor::files::save_png;
 use clap::Parser;
 use common::*;
 use std::path::Path;
@@ -42,8 +42,8 @@ fn make_images(dir: &Path, samples: usize, skip: Option<&str>) {
                     continue;
                 }
                 save_png(
-                    &dir.join(&rel),
                     &picture((k * 100 + ci * 10 + s) as u64, 64, 64),
+                    &dir.join(&rel),
                 )
                 .unwrap();
             }
@@ -96,7 +96,7 @@ fn images_mode_scores_resumes_and_fails_on_missing() {
     assert_eq!(lines.lines().count(), 15);
     assert!(t.join("out/summary.csv").is_file());
     // The missing image appears; the rerun scores only it.
-    save_png(&t.join("imgs/candle/07/1/1.png"), &picture(7, 64, 64)).unwrap();
+    save_png(&picture(7, 64, 64), &t.join("imgs/candle/07/1/1.png")).unwrap();
     run("out").unwrap();
     let after = std::fs::read_to_string(t.join("out/results.jsonl")).unwrap();
     assert_eq!(after.lines().count(), 16);

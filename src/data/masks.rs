@@ -577,7 +577,7 @@ pub fn mask_subject(
         let masks: Vec<GrayImage> = cands.masks.iter().map(|c| c.mask.clone()).collect();
         let sel = select_mask(&img, &masks, scorer, &text, &opts.select)
             .with_context(|| format!("ranking the masks of {}", img_path.display()))?;
-        write_png(&mask_path, &sel.mask)?;
+        crate::files::save_png(&sel.mask, &mask_path)?;
         write_jpeg(&preview_path, &preview(&img, &sel.mask))?;
         let white = sel.mask.as_raw().iter().filter(|&&v| v >= 128).count();
         outcome.result = Some(MaskResult {
@@ -591,16 +591,6 @@ pub fn mask_subject(
         out.push(outcome);
     }
     Ok(out)
-}
-
-fn write_png(path: &Path, img: &GrayImage) -> Result<()> {
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .with_context(|| format!("cannot encode {}", path.display()))?;
-    crate::files::atomic_write(path, &bytes)
 }
 
 fn write_jpeg(path: &Path, img: &RgbImage) -> Result<()> {

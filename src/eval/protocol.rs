@@ -634,7 +634,7 @@ pub fn run_protocol_with_progress(
                 )
             })?;
         let rel = Path::new("images").join(job.image_rel_path());
-        save_png(&out.join(&rel), &img)?;
+        crate::files::save_png(&img, &out.join(&rel))?;
         let feats = scorers
             .image_features(std::slice::from_ref(&img))?
             .pop()
@@ -658,17 +658,6 @@ fn path_string(p: &Path) -> String {
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join("/")
-}
-
-/// Save `img` as PNG at `path` atomically.
-pub fn save_png(path: &Path, img: &RgbImage) -> Result<()> {
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .with_context(|| format!("cannot encode {} as PNG", path.display()))?;
-    crate::files::atomic_write(path, &bytes)
 }
 
 /// What scoring a folder of images found.
