@@ -172,28 +172,8 @@ fn attention_with_budget(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        crate::rng::Rng::new(seed)
-            .randn(shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::nn::testing::{max_diff, randn};
+    use candle_core::{Device, Var};
 
     /// Values and q/k/v gradients equal the composed attention's (whose backward is candle's),
     /// with and without a causal mask, in one block and in several uneven ones.

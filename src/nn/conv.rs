@@ -315,28 +315,8 @@ pub fn conv2d_frozen(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let mut r = crate::rng::Rng::new(seed);
-        r.randn(shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::nn::testing::{max_diff, randn};
+    use candle_core::{Device, Var};
 
     /// Forward and input gradient agree with candle's own conv2d (whose backward is right for
     /// these shapes) for every code path: 1x1, 3x3 with both gradient strategies, stride 2 with

@@ -19,6 +19,35 @@ mod attention;
 mod conv;
 mod softmax;
 
+/// Helpers shared by this module's tests (gradient checks run in f64).
+#[cfg(test)]
+mod testing {
+    use candle_core::{DType, Device, Tensor};
+
+    /// Standard normal values from our seeded RNG, as f64.
+    pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+        crate::rng::Rng::new(seed)
+            .randn(shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    }
+
+    /// `max |a - b|` of two f64 tensors.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+}
+
 pub use attach::{attach, Backward};
 
 use candle_core::{DType, Module, Result, Tensor, D};
@@ -388,29 +417,9 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    use super::testing::{max_diff, randn};
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        crate::rng::Rng::new(seed)
-            .randn(shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use candle_core::Var;
 
     /// Run `layer(x)` with frozen weights and with the same weights as `Var`s (candle's own
     /// backward); outputs and input gradients must agree, and the frozen run must form no
