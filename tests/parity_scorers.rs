@@ -5,29 +5,19 @@
 //! texts `score.texts`.
 
 mod common;
-use common::dev;
+use common::{assert_close, dev, golden_json, root};
 
 use attractor::eval::clip::ClipScorer;
 use attractor::eval::dino::DinoScorer;
 use attractor::eval::{cosine, Scorers};
 use attractor::hub::ModelSource;
 use candle_core::Tensor;
-use std::path::{Path, PathBuf};
-
-fn root() -> PathBuf {
-    common::root()
-}
+use std::path::Path;
 
 fn golden(key: &str) -> Tensor {
-    let path = root().join("tests/fixtures/golden.safetensors");
-    let mut all = candle_core::safetensors::load(&path, &dev()).unwrap();
-    all.remove(key)
+    common::golden()
+        .remove(key)
         .unwrap_or_else(|| panic!("{key} missing from golden.safetensors"))
-}
-
-fn golden_json() -> serde_json::Value {
-    let text = std::fs::read_to_string(root().join("tests/fixtures/golden.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
 }
 
 fn score_images() -> Vec<image::RgbImage> {
@@ -56,33 +46,6 @@ fn score_texts() -> Vec<String> {
 
 fn local(dir: &str) -> ModelSource {
     ModelSource::Local(root().join("tests/fixtures").join(dir))
-}
-
-/// `max|ours - ref| <= atol + rtol * max|ref|`.
-fn assert_close(name: &str, ours: &Tensor, reference: &Tensor, atol: f32, rtol: f32) {
-    assert_eq!(ours.dims(), reference.dims(), "{name}: shape");
-    let diff = (ours - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = reference
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let tol = atol + rtol * scale;
-    assert!(diff <= tol, "{name}: max diff {diff} > {tol}");
-    eprintln!("{name}: max diff {diff:.3e} (tolerance {tol:.3e})");
 }
 
 fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -116,8 +79,8 @@ fn clip_image_embeds_match_transformers() {
         "clip.image_embeds",
         &ours,
         &golden("clip.image_embeds"),
-        0.0,
         1e-4,
+        0.0,
     );
 }
 
@@ -131,8 +94,8 @@ fn clip_text_embeds_match_transformers() {
         "clip.text_embeds",
         &ours,
         &golden("clip.text_embeds"),
-        0.0,
         1e-4,
+        0.0,
     );
 }
 
@@ -174,7 +137,7 @@ fn dino_pixels_match_reference_transform() {
 fn dino_cls_matches_transformers() {
     let dino = DinoScorer::load(&local("tiny-dino"), &dev(), true).unwrap();
     let ours = dino.model.cls(&golden("dino.pixel_values")).unwrap();
-    assert_close("dino.cls", &ours, &golden("dino.cls"), 0.0, 1e-4);
+    assert_close("dino.cls", &ours, &golden("dino.cls"), 1e-4, 0.0);
 }
 
 /// End to end from image files: our preprocessing + models, scores within 2e-3.

@@ -3,7 +3,7 @@
 //! Tolerances: tests/fixtures/README.md (`max|ours - ref| <= atol + rtol * max|ref|`).
 
 mod common;
-use common::dev;
+use common::{dev, fixtures, golden, golden_json, max_abs};
 
 use attractor::rng::Rng;
 use attractor::sd::samplers::{make_sampler, SamplerKind};
@@ -11,25 +11,9 @@ use attractor::sd::schedule::{NoiseSchedule, SchedulerConfig};
 use attractor::sd::vae::{Vae, VaeConfig};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use std::collections::HashMap;
-use std::path::PathBuf;
 
 const FORWARD_RTOL: f32 = 1e-4;
 const ATOL: f32 = 1e-6;
-
-fn fixtures() -> PathBuf {
-    common::root().join("tests/fixtures")
-}
-
-fn golden() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("golden.safetensors"), &dev())
-        .expect("tests/fixtures/golden.safetensors")
-}
-
-fn golden_json() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixtures().join("golden.json")).expect("golden.json");
-    serde_json::from_str(&text).expect("golden.json parses")
-}
 
 fn read(rel: &str) -> String {
     std::fs::read_to_string(fixtures().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
@@ -58,25 +42,9 @@ fn load_vae() -> Vae {
     Vae::new(vb, &vae_config()).expect("vae builds from the diffusers keys")
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// Asserts `max|ours - reference| <= atol + rtol * max|reference|`; returns the max error.
+/// Asserts `max|ours - reference| <= ATOL + rtol * max|reference|`; returns the max error.
 fn check(name: &str, ours: &Tensor, reference: &Tensor, rtol: f32) -> f32 {
-    assert_eq!(ours.dims(), reference.dims(), "{name}: shape");
-    let err = max_abs(&(ours - reference).unwrap());
-    let bound = ATOL + rtol * max_abs(reference);
-    println!("{name}: max abs error {err:.3e} (bound {bound:.3e})");
-    assert!(err <= bound, "{name}: max abs error {err} > {bound}");
-    err
+    common::assert_close(name, ours, reference, rtol, ATOL)
 }
 
 fn to_vec(t: &Tensor) -> Vec<f32> {

@@ -5,47 +5,17 @@
 //! `ti.ids`). Tolerance: `max|ours - ref| <= atol + rtol * max|ref|`.
 
 mod common;
-use common::dev;
+use common::{dev, fixtures, golden, golden_json};
 
 use attractor::personalize::neti::{FourierEncoding, MapperConfig, NetiMapper, UNET_LAYERS};
 use attractor::personalize::{info_nce, ClipTokenizer};
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-fn fixtures() -> PathBuf {
-    common::root().join("tests/fixtures")
-}
-
-fn golden() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("golden.safetensors"), &dev()).unwrap()
-}
-
-fn golden_json() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("golden.json")).unwrap()).unwrap()
-}
-
-/// Asserts the tolerance and returns max|ours - ref|.
+/// Asserts `max|ours - want| <= atol + rtol * max|want|` and returns max|ours - want|.
 fn check(name: &str, ours: &Tensor, want: &Tensor, atol: f32, rtol: f32) -> f32 {
-    assert_eq!(ours.dims(), want.dims(), "{name}: shape");
-    let ours = ours.to_dtype(DType::F32).unwrap();
-    let want = want.to_dtype(DType::F32).unwrap();
-    let max = |t: &Tensor| -> f32 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
-    let err = max(&(&ours - &want).unwrap());
-    let tol = atol + rtol * max(&want);
-    println!("{name}: max err {err:.3e} (tol {tol:.3e})");
-    assert!(err <= tol, "{name}: max err {err} > tol {tol}");
-    err
+    common::assert_close(name, ours, want, rtol, atol)
 }
 
 fn f32s(t: &Tensor) -> Vec<f32> {
