@@ -3,10 +3,44 @@
 
 mod common;
 use common::fixtures;
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_attractor"))
+}
+
+/// `attractor train ARGS` on tiny-sd (128 px, batch 1, offline) into `out`, which must succeed.
+fn train_tiny(args: &[&str], data: Option<&Path>, out: &Path) {
+    let mut c = bin();
+    c.args(["train", "--model"])
+        .arg(fixtures().join("tiny-sd"))
+        .args(["--resolution", "128", "--batch", "1", "--offline"])
+        .args(args);
+    if let Some(d) = data {
+        c.arg("--data").arg(d);
+    }
+    let o = c.arg("--out").arg(out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// `attractor eval MODE TARGET ARGS` with tiny-sd, tiny-clip and tiny-dino: 1 sample per
+/// caption, 2 sampling steps, offline, into `out`.
+fn eval_tiny(mode: &str, target: &Path, args: &[&str], data: Option<&Path>, out: &Path) -> Output {
+    let mut c = bin();
+    c.args(["eval", mode])
+        .arg(target)
+        .args(["--samples", "1", "--steps", "2", "--offline", "--model"])
+        .arg(fixtures().join("tiny-sd"))
+        .arg("--clip")
+        .arg(fixtures().join("tiny-clip"))
+        .arg("--dino")
+        .arg(fixtures().join("tiny-dino"))
+        .args(args);
+    if let Some(d) = data {
+        c.arg("--data").arg(d);
+    }
+    c.arg("--out").arg(out).output().unwrap()
 }
 
 #[test]
@@ -14,48 +48,11 @@ fn eval_runs_two_trained_subjects_end_to_end() {
     let t = tempfile::tempdir().unwrap();
     let runs = t.path().join("runs");
     for subject in ["dog", "candle"] {
-        let o = bin()
-            .args(["train", "--model"])
-            .arg(fixtures().join("tiny-sd"))
-            .args([
-                "--subject",
-                subject,
-                "--method",
-                "ti",
-                "--steps",
-                "1",
-                "--resolution",
-                "128",
-            ])
-            .args(["--batch", "1", "--offline", "--out"])
-            .arg(runs.join(subject))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let args = ["--subject", subject, "--method", "ti", "--steps", "1"];
+        train_tiny(&args, None, &runs.join(subject));
     }
     let out = t.path().join("eval");
-    let o = bin()
-        .args(["eval", "--runs"])
-        .arg(&runs)
-        .args([
-            "--split",
-            "test",
-            "--samples",
-            "1",
-            "--steps",
-            "2",
-            "--offline",
-            "--model",
-        ])
-        .arg(fixtures().join("tiny-sd"))
-        .arg("--clip")
-        .arg(fixtures().join("tiny-clip"))
-        .arg("--dino")
-        .arg(fixtures().join("tiny-dino"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = eval_tiny("--runs", &runs, &["--split", "test"], None, &out);
     assert!(
         o.status.success(),
         "{}\n{}",
@@ -82,7 +79,7 @@ fn eval_runs_two_trained_subjects_end_to_end() {
     );
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
@@ -105,50 +102,20 @@ fn eval_checkpoints_scores_every_saved_step() {
     let data = t.path().join("data");
     common::make_dataset(&data);
     let run = t.path().join("run");
-    let o = bin()
-        .args(["train", "--model"])
-        .arg(fixtures().join("tiny-sd"))
-        .args(["--data"])
-        .arg(&data)
-        .args([
-            "--subject",
-            "dog",
-            "--method",
-            "ti",
-            "--steps",
-            "2",
-            "--save-every",
-            "1",
-            "--resolution",
-            "128",
-            "--batch",
-            "1",
-            "--offline",
-            "--out",
-        ])
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let args = [
+        "--subject",
+        "dog",
+        "--method",
+        "ti",
+        "--steps",
+        "2",
+        "--save-every",
+        "1",
+    ];
+    train_tiny(&args, Some(&data), &run);
     let out = t.path().join("curves");
-    let eval = |what: &str, target: &std::path::Path| {
-        bin()
-            .args(["eval", what])
-            .arg(target)
-            .arg("--data")
-            .arg(&data)
-            .args(["--samples", "1", "--steps", "2", "--offline", "--model"])
-            .arg(fixtures().join("tiny-sd"))
-            .arg("--clip")
-            .arg(fixtures().join("tiny-clip"))
-            .arg("--dino")
-            .arg(fixtures().join("tiny-dino"))
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap()
-    };
-    let o = eval("--checkpoints", &run);
+    let eval = |run: &Path| eval_tiny("--checkpoints", run, &[], Some(&data), &out);
+    let o = eval(&run);
     let stdout = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
         o.status.success(),
@@ -201,7 +168,7 @@ fn eval_checkpoints_scores_every_saved_step() {
 
     // A rerun resumes: nothing is generated again.
     let before = std::fs::read_to_string(out.join("step-1/results.jsonl")).unwrap();
-    let o = eval("--checkpoints", &run);
+    let o = eval(&run);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
         std::fs::read_to_string(out.join("step-1/results.jsonl")).unwrap(),
@@ -211,7 +178,7 @@ fn eval_checkpoints_scores_every_saved_step() {
     // A run folder without checkpoints: the error says how to keep them.
     let empty = t.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let o = eval("--checkpoints", &empty);
+    let o = eval(&empty);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("--save-every") && e.contains("empty"), "{e}");
@@ -225,57 +192,26 @@ fn eval_checkpoints_of_a_neti_run() {
     let data = t.path().join("data");
     common::make_dataset(&data);
     let run = t.path().join("run");
-    let o = bin()
-        .args(["train", "--model"])
-        .arg(fixtures().join("tiny-sd"))
-        .args(["--data"])
-        .arg(&data)
-        .args([
-            "--subject",
-            "candle",
-            "--method",
-            "neti",
-            "--steps",
-            "2",
-            "--save-every",
-            "1",
-            "--resolution",
-            "128",
-            "--batch",
-            "1",
-            "--offline",
-            "--out",
-        ])
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let args = [
+        "--subject",
+        "candle",
+        "--method",
+        "neti",
+        "--steps",
+        "2",
+        "--save-every",
+        "1",
+    ];
+    train_tiny(&args, Some(&data), &run);
     assert!(run.join("mapper-steps-1.safetensors").is_file());
     let out = t.path().join("curves");
-    let o = bin()
-        .args(["eval", "--checkpoints"])
-        .arg(&run)
-        .arg("--data")
-        .arg(&data)
-        .args([
-            "--split",
-            "test",
-            "--samples",
-            "1",
-            "--steps",
-            "2",
-            "--offline",
-        ])
-        .arg("--model")
-        .arg(fixtures().join("tiny-sd"))
-        .arg("--clip")
-        .arg(fixtures().join("tiny-clip"))
-        .arg("--dino")
-        .arg(fixtures().join("tiny-dino"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = eval_tiny(
+        "--checkpoints",
+        &run,
+        &["--split", "test"],
+        Some(&data),
+        &out,
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let csv = std::fs::read_to_string(out.join("checkpoints.csv")).unwrap();
     let keys: Vec<String> = csv
