@@ -7,7 +7,7 @@
 //! like any other); this module only collects their summaries into `checkpoints.csv`.
 
 use super::protocol::Split;
-use super::summary::{Metrics, Stat, Summary};
+use super::summary::{Metrics, Summary, METRICS_CSV_HEADER};
 use std::fmt::Write as _;
 
 /// The curve table's file name.
@@ -48,36 +48,16 @@ impl StepScores {
 /// The protocols in curve order, with the names the CSV and plot use.
 pub const PROTOCOLS: [(Split, &str); 2] = [(Split::Test, "split-test"), (Split::Train, "classic")];
 
-fn cell(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v:.6}")
-    } else {
-        String::new()
-    }
-}
-
-fn stat_cells(s: &Stat) -> String {
-    format!("{},{}", cell(s.mean), s.se.map(cell).unwrap_or_default())
-}
-
 /// `checkpoints.csv`: one row per (step, protocol), steps ascending; empty cells for a standard
 /// error below two images.
 pub fn curves_csv(steps: &[StepScores]) -> String {
-    let mut out = String::from("step,protocol,n,clip_t,clip_t_se,clip_i,clip_i_se,dino,dino_se\n");
+    let mut out = format!("step,protocol,{METRICS_CSV_HEADER}\n");
     let mut sorted: Vec<&StepScores> = steps.iter().collect();
     sorted.sort_by_key(|s| s.step);
     for s in sorted {
         for (split, name) in PROTOCOLS {
             if let Some(m) = s.get(split) {
-                let _ = writeln!(
-                    out,
-                    "{},{name},{},{},{},{}",
-                    s.step,
-                    m.n,
-                    stat_cells(&m.clip_t),
-                    stat_cells(&m.clip_i),
-                    stat_cells(&m.dino)
-                );
+                let _ = writeln!(out, "{},{name},{}", s.step, m.csv_cells());
             }
         }
     }
@@ -123,6 +103,7 @@ pub fn curves_table(steps: &[StepScores]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eval::summary::Stat;
 
     fn metrics(n: usize, t: f64, i: f64, d: f64, se: Option<f64>) -> Metrics {
         let s = |mean| Stat { mean, se };

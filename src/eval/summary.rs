@@ -54,7 +54,25 @@ pub struct Metrics {
     pub dino: Stat,
 }
 
+/// The CSV columns of [`Metrics::csv_cells`].
+pub const METRICS_CSV_HEADER: &str = "n,clip_t,clip_t_se,clip_i,clip_i_se,dino,dino_se";
+
 impl Metrics {
+    /// `n` and each metric's mean and standard error as CSV cells (6 decimals; empty where not
+    /// finite or, for the standard error, below two images). Columns: [`METRICS_CSV_HEADER`].
+    pub fn csv_cells(&self) -> String {
+        format!(
+            "{},{},{},{},{},{},{}",
+            self.n,
+            num(self.clip_t.mean),
+            opt(self.clip_t.se),
+            num(self.clip_i.mean),
+            opt(self.clip_i.se),
+            num(self.dino.mean),
+            opt(self.dino.se)
+        )
+    }
+
     pub fn of(records: &[&Record]) -> Self {
         let col = |f: fn(&Record) -> f64| records.iter().map(|r| f(r)).collect::<Vec<_>>();
         Self {
@@ -174,20 +192,9 @@ impl Summary {
     /// `summary.csv`: `split,subject,n,clip_t,clip_t_se,clip_i,clip_i_se,dino,dino_se`; subject
     /// `ALL` is the overall row; split `classic-minus-test` rows hold the differences.
     pub fn to_csv(&self) -> String {
-        let mut s =
-            String::from("split,subject,n,clip_t,clip_t_se,clip_i,clip_i_se,dino,dino_se\n");
+        let mut s = format!("split,subject,{METRICS_CSV_HEADER}\n");
         let mut row = |split: &str, subject: &str, m: &Metrics| {
-            let _ = writeln!(
-                s,
-                "{split},{subject},{},{},{},{},{},{},{}",
-                m.n,
-                num(m.clip_t.mean),
-                opt(m.clip_t.se),
-                num(m.clip_i.mean),
-                opt(m.clip_i.se),
-                num(m.dino.mean),
-                opt(m.dino.se)
-            );
+            let _ = writeln!(s, "{split},{subject},{}", m.csv_cells());
         };
         for (name, part) in [("test", &self.test), ("train", &self.train)] {
             if let Some(p) = part {

@@ -29,7 +29,7 @@ pub mod plot;
 
 use crate::eval::protocol::Split;
 use crate::eval::store::{read_results, Record};
-use crate::eval::summary::{Metrics, Stat, Summary, SUMMARY_JSON};
+use crate::eval::summary::{Metrics, Stat, Summary, METRICS_CSV_HEADER, SUMMARY_JSON};
 use crate::personalize::method::{Method, Schedule};
 use crate::personalize::trainer::RunInfo;
 use anyhow::{bail, Context, Result};
@@ -290,32 +290,15 @@ impl Table {
 
     /// `method,schedule,subjects,n,clip_t,clip_t_se,clip_i,clip_i_se,dino,dino_se`.
     pub fn to_csv(&self) -> String {
-        let mut s = String::from(
-            "method,schedule,subjects,n,clip_t,clip_t_se,clip_i,clip_i_se,dino,dino_se\n",
-        );
-        let num = |x: f64| {
-            if x.is_finite() {
-                format!("{x:.6}")
-            } else {
-                String::new()
-            }
-        };
-        let se = |x: Option<f64>| x.map(num).unwrap_or_default();
+        let mut s = format!("method,schedule,subjects,{METRICS_CSV_HEADER}\n");
         for r in &self.rows {
-            let m = &r.metrics;
             let _ = writeln!(
                 s,
-                "{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{}",
                 r.method,
                 r.schedule,
                 r.subjects.len(),
-                m.n,
-                num(m.clip_t.mean),
-                se(m.clip_t.se),
-                num(m.clip_i.mean),
-                se(m.clip_i.se),
-                num(m.dino.mean),
-                se(m.dino.se)
+                r.metrics.csv_cells()
             );
         }
         s
