@@ -25,6 +25,7 @@ use crate::eval::{
     store, EvalSettings, Scorers, CLIP_REPO, CLIP_REVISION, DINO_REPO, DINO_REVISION,
 };
 use crate::hub::ModelSource;
+use crate::personalize::generate::learned_file_names;
 use crate::personalize::trainer::RunInfo;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
@@ -170,7 +171,8 @@ fn run_generator(
     opts: &GenerationOptions,
     suffix: &str,
 ) -> Result<RunGenerator> {
-    let subject = crate::personalize::generate::LearnedSubject::open_at(run_dir, &sd, suffix)?;
+    let subject =
+        crate::personalize::generate::LearnedSubject::load(run_dir, info.clone(), &sd, suffix)?;
     let native = sd.unet.config.sample_size * 8;
     let settings = crate::pipeline::SampleSettings {
         steps: opts.steps.unwrap_or(50),
@@ -185,22 +187,10 @@ fn run_generator(
     };
     // What changes the images: the run's learned files (by content), base model, sampling.
     let mut fingerprint = Vec::new();
-    for e in std::fs::read_dir(run_dir)? {
-        let p = e?.path();
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let ending = format!("{suffix}.safetensors");
-        let learned = name == format!("learned_embeds{ending}")
-            || name == format!("attractors{ending}")
-            || (name.starts_with("mapper")
-                && name.ends_with(&ending)
-                && (!suffix.is_empty() || !name.contains("-steps-")));
-        if learned {
-            let bytes = std::fs::read(&p)?;
-            fingerprint.push(format!("{name}:{:016x}", crate::files::fnv64(&bytes)));
-        }
+    for name in learned_file_names(info, suffix) {
+        let p = run_dir.join(&name);
+        let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        fingerprint.push(format!("{name}:{:016x}", crate::files::fnv64(&bytes)));
     }
     fingerprint.sort();
     let id = serde_json::json!({
@@ -475,14 +465,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 /// The learned files saved with checkpoint `step`: `-steps-N` ones, or the final ones for the
 /// last step (training writes those instead).
 fn step_suffix(run_dir: &Path, info: &RunInfo, step: usize, last: usize) -> Result<String> {
-    let main = |suffix: &str| {
-        let name = if info.settings.s.method.uses_neti() {
-            format!("mapper{suffix}.safetensors")
-        } else {
-            format!("learned_embeds{suffix}.safetensors")
-        };
-        run_dir.join(name)
-    };
+    let main = |suffix: &str| run_dir.join(&learned_file_names(info, suffix)[0]);
     let suffix = format!("-steps-{step}");
     if main(&suffix).is_file() {
         return Ok(suffix);

@@ -12,6 +12,25 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::path::Path;
 
+/// The learned files of a run with `suffix` in their names (`""`: the final ones, `-steps-N`:
+/// those saved at step N), as `Trainer::save_outputs` names them: the subject's file first
+/// (`learned_embeds` or `mapper`), then the attractors' (`attractors`, or `mapper-a{k}` each).
+pub fn learned_file_names(info: &RunInfo, suffix: &str) -> Vec<String> {
+    if info.settings.s.method.uses_neti() {
+        let mut names = vec![format!("mapper{suffix}.safetensors")];
+        names.extend(
+            (0..info.attractor_tokens.len()).map(|k| format!("mapper-a{k}{suffix}.safetensors")),
+        );
+        names
+    } else {
+        let mut names = vec![format!("learned_embeds{suffix}.safetensors")];
+        if !info.attractor_tokens.is_empty() {
+            names.push(format!("attractors{suffix}.safetensors"));
+        }
+        names
+    }
+}
+
 /// A trained subject ready to sample.
 pub struct LearnedSubject {
     pub info: RunInfo,
@@ -37,18 +56,19 @@ impl LearnedSubject {
         })?;
         let info: RunInfo = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a training run's config", cfg.display()))?;
+        Self::load(run, info, sd, suffix)
+    }
+
+    /// [`Self::open_at`] for a run whose `config.json` has been read already.
+    pub fn load(run: &Path, info: RunInfo, sd: &StableDiffusion, suffix: &str) -> Result<Self> {
+        let names = learned_file_names(&info, suffix);
         let mut tokenizer = sd.tokenizer.clone();
         add_tokens(&mut tokenizer, &info, sd)?;
         let dev = &sd.device;
         let learned = if info.settings.s.method.uses_neti() {
             let mut mappers = Vec::new();
-            for j in 0..1 + info.attractor_tokens.len() {
-                let name = if j == 0 {
-                    format!("mapper{suffix}.safetensors")
-                } else {
-                    format!("mapper-a{}{suffix}.safetensors", j - 1)
-                };
-                let p = run.join(&name);
+            for name in &names {
+                let p = run.join(name);
                 if !p.is_file() {
                     bail!("{} is missing: the run has not finished or was not saved; resume it with `attractor train --resume {}`", p.display(), run.display());
                 }
@@ -72,12 +92,9 @@ impl LearnedSubject {
                     .cloned()
                     .ok_or_else(|| anyhow::anyhow!("{} has no tensor {key}", p.display()))
             };
-            let mut rows = vec![read(
-                &format!("learned_embeds{suffix}.safetensors"),
-                &info.placeholder_tokens[0],
-            )?];
+            let mut rows = vec![read(&names[0], &info.placeholder_tokens[0])?];
             for a in &info.attractor_tokens {
-                rows.push(read(&format!("attractors{suffix}.safetensors"), a)?);
+                rows.push(read(&names[1], a)?);
             }
             Learned::Rows(Tensor::cat(&rows, 0)?.to_dtype(sd.dtype)?)
         };

@@ -544,13 +544,14 @@ impl<'a> Trainer<'a> {
     /// loads in diffusers `load_textual_inversion` and A1111), `attractors.safetensors`, or the
     /// NeTI mappers. `suffix` = `-steps-N` for intermediate saves.
     pub fn save_outputs(&self, dir: &Path, suffix: &str) -> Result<Vec<PathBuf>> {
+        let names = crate::personalize::generate::learned_file_names(&self.info, suffix);
         let mut written = Vec::new();
         let mut fmt = HashMap::new();
         fmt.insert("format".to_string(), "pt".to_string());
         match &self.learned {
             Learned::Rows(rows) => {
                 let n = self.info.placeholder_tokens.len();
-                let p = dir.join(format!("learned_embeds{suffix}.safetensors"));
+                let p = dir.join(&names[0]);
                 crate::files::save_safetensors(
                     &p,
                     &[(
@@ -561,7 +562,7 @@ impl<'a> Trainer<'a> {
                 )?;
                 written.push(p);
                 if !self.info.attractor_tokens.is_empty() {
-                    let p = dir.join(format!("attractors{suffix}.safetensors"));
+                    let p = dir.join(&names[1]);
                     let t: Vec<(String, Tensor)> = self
                         .info
                         .attractor_tokens
@@ -575,12 +576,7 @@ impl<'a> Trainer<'a> {
             }
             Learned::Mappers { mappers, .. } => {
                 for (j, (m, token)) in mappers.iter().zip(self.info.all_tokens()).enumerate() {
-                    let name = if j == 0 {
-                        format!("mapper{suffix}.safetensors")
-                    } else {
-                        format!("mapper-a{}{suffix}.safetensors", j - 1)
-                    };
-                    let p = dir.join(name);
+                    let p = dir.join(&names[j]);
                     let info = MapperInfo {
                         placeholder: token,
                         super_category: if j == 0 {
