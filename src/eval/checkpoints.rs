@@ -68,23 +68,23 @@ pub fn curves_csv(steps: &[StepScores]) -> String {
 pub fn curves_table(steps: &[StepScores]) -> String {
     let mut steps: Vec<&StepScores> = steps.iter().collect();
     steps.sort_by_key(|s| s.step);
+    // The protocols any step was scored under: a column group each.
+    let present: Vec<(Split, &str)> = PROTOCOLS
+        .into_iter()
+        .filter(|(split, _)| steps.iter().any(|s| s.get(*split).is_some()))
+        .collect();
     let mut out = String::new();
     let _ = write!(out, "{:>8}", "step");
-    for (split, name) in PROTOCOLS {
-        if steps.iter().any(|s| s.get(split).is_some()) {
-            for m in ["CLIP-T", "CLIP-I", "DINO"] {
-                let _ = write!(out, " {:>16}", format!("{name} {m}"));
-            }
+    for (_, name) in &present {
+        for m in ["CLIP-T", "CLIP-I", "DINO"] {
+            let _ = write!(out, " {:>16}", format!("{name} {m}"));
         }
     }
     out.push('\n');
     for s in &steps {
         let _ = write!(out, "{:>8}", s.step);
-        for (split, _) in PROTOCOLS {
-            if !steps.iter().any(|x| x.get(split).is_some()) {
-                continue;
-            }
-            match s.get(split) {
+        for (split, _) in &present {
+            match s.get(*split) {
                 Some(m) => {
                     for st in [m.clip_t, m.clip_i, m.dino] {
                         let _ = write!(out, " {:>16.4}", st.mean);

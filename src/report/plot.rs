@@ -106,12 +106,12 @@ fn value_range(stats: &[Stat]) -> (f64, f64) {
 }
 
 /// A metric's name and how to read it from a row.
-type MetricOf = (&'static str, fn(&Row) -> Stat);
+type MetricOf = (&'static str, fn(&Metrics) -> Stat);
 
 const METRICS: [MetricOf; 3] = [
-    ("CLIP-T", |r| r.metrics.clip_t),
-    ("CLIP-I", |r| r.metrics.clip_i),
-    ("DINO", |r| r.metrics.dino),
+    ("CLIP-T", |m| m.clip_t),
+    ("CLIP-I", |m| m.clip_i),
+    ("DINO", |m| m.dino),
 ];
 
 fn err(e: impl std::fmt::Display) -> anyhow::Error {
@@ -132,7 +132,7 @@ pub fn schedule_bars(table: &Table, method: &str, rows: &[Row]) -> Result<Vec<u8
         );
         let area = root.titled(&title, (FONT, 24)).map_err(err)?;
         for (panel, (label, get)) in area.split_evenly((3, 1)).iter().zip(METRICS) {
-            let stats: Vec<Stat> = rows.iter().map(get).collect();
+            let stats: Vec<Stat> = rows.iter().map(|r| get(&r.metrics)).collect();
             let (lo, hi) = value_range(&stats);
             let mut chart = ChartBuilder::on(panel)
                 .margin(12)
@@ -335,15 +335,9 @@ pub fn training_curves(title: &str, steps: &[StepScores]) -> Result<Vec<u8>> {
     let x_hi = steps.last().map(|s| s.step as f64).unwrap_or(1.0);
     let pad = ((x_hi - x_lo) * 0.05).max(0.5);
     let (x0, x1) = (x_lo - pad, x_hi + pad);
-    type Get = fn(&Metrics) -> Stat;
-    let metrics: [(&str, Get); 3] = [
-        ("CLIP-T", |m| m.clip_t),
-        ("CLIP-I", |m| m.clip_i),
-        ("DINO", |m| m.dino),
-    ];
     render(960, 1020, |root| {
         let area = root.titled(title, (FONT, 24)).map_err(err)?;
-        for (panel, (label, get)) in area.split_evenly((3, 1)).iter().zip(metrics) {
+        for (panel, (label, get)) in area.split_evenly((3, 1)).iter().zip(METRICS) {
             let all: Vec<Stat> = steps
                 .iter()
                 .flat_map(|s| PROTOCOLS.iter().filter_map(|(sp, _)| s.get(*sp).map(get)))
