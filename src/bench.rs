@@ -1,6 +1,8 @@
 //! Step benchmarks on random weights of the real SD 1.5 size: a Textual Inversion training step,
 //! a NeTI-style training step and a guided sampling step, timed as SPEC.md §7's PyTorch reference
-//! was (text encoder + UNet forward, MSE, backward to the learned rows; UNet forward on batch 2).
+//! was (text encoder + UNet forward, MSE, backward to the learned rows; UNet forward on batch 2),
+//! and the full `attractor train` steps of ti+ and neti+ (the [`Trainer`] itself: three prompt
+//! pools, masked losses, InfoNCE, AdamW) on a generated two-image subject.
 //!
 //! The models are built from the shipped `configs/sd15/*/config.json` through a [`VarBuilder`]
 //! whose backend generates every tensor from a seed and its name ([`RandomWeights`]), so no
@@ -9,10 +11,19 @@
 //! [`Var`]s. Peak memory is the process's `VmHWM`, so each case is meant to run in a fresh
 //! process (the `bench` verb re-executes itself per case).
 
+use crate::data::layout::{Kind, Subject};
+use crate::personalize::method::Method;
 use crate::personalize::neti;
+use crate::personalize::settings::TrainSettings;
+use crate::personalize::tokens::ClipTokenizer;
+use crate::personalize::trainer::Trainer;
+use crate::pipeline::{StableDiffusion, BUNDLED_TOKENIZER};
 use crate::rng::Rng;
+use crate::sd::schedule::{NoiseSchedule, SchedulerConfig};
 use crate::sd::text_encoder::{TextConfig, TextEncoder};
 use crate::sd::unet::{Conditioning, UNet, UNetConfig};
+use crate::sd::vae::{Vae, VaeConfig};
+use anyhow::Context;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -23,6 +34,73 @@ use std::time::Instant;
 pub const SD15_UNET_CONFIG: &str = include_str!("../configs/sd15/unet/config.json");
 /// SD 1.5's `text_encoder/config.json`, as published.
 pub const SD15_TEXT_CONFIG: &str = include_str!("../configs/sd15/text_encoder/config.json");
+/// SD 1.5's `vae/config.json`, as published.
+pub const SD15_VAE_CONFIG: &str = include_str!("../configs/sd15/vae/config.json");
+/// SD 1.5's `scheduler/scheduler_config.json`, as published.
+pub const SD15_SCHEDULER_CONFIG: &str =
+    include_str!("../configs/sd15/scheduler/scheduler_config.json");
+
+/// The configs a bench builds its random-weight models from.
+#[derive(Clone, Debug)]
+pub struct BenchConfigs {
+    pub text: TextConfig,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+impl BenchConfigs {
+    /// Parse the four configs (JSON text); `origin` names them in errors.
+    pub fn parse(
+        text: &str,
+        unet: &str,
+        vae: &str,
+        scheduler: &str,
+        origin: &str,
+    ) -> anyhow::Result<Self> {
+        let unet: UNetConfig = serde_json::from_str(unet)
+            .with_context(|| format!("unet/config.json of {origin} is not a UNet config"))?;
+        unet.validate()
+            .with_context(|| format!("unet/config.json of {origin}"))?;
+        Ok(Self {
+            text: serde_json::from_str(text).with_context(|| {
+                format!("text_encoder/config.json of {origin} is not a CLIP text config")
+            })?,
+            unet,
+            vae: serde_json::from_str(vae)
+                .with_context(|| format!("vae/config.json of {origin} is not a VAE config"))?,
+            scheduler: serde_json::from_str(scheduler).with_context(|| {
+                format!("scheduler/scheduler_config.json of {origin} is not a scheduler config")
+            })?,
+        })
+    }
+
+    /// SD 1.5's published configs, shipped in the binary.
+    pub fn sd15() -> anyhow::Result<Self> {
+        Self::parse(
+            SD15_TEXT_CONFIG,
+            SD15_UNET_CONFIG,
+            SD15_VAE_CONFIG,
+            SD15_SCHEDULER_CONFIG,
+            "the bundled SD 1.5 configs",
+        )
+    }
+
+    /// The configs of a diffusers-layout folder (weights are not read).
+    pub fn from_dir(dir: &std::path::Path) -> anyhow::Result<Self> {
+        let read = |rel: &str| {
+            let p = dir.join(rel);
+            std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        Self::parse(
+            &read("text_encoder/config.json")?,
+            &read("unet/config.json")?,
+            &read("vae/config.json")?,
+            &read("scheduler/scheduler_config.json")?,
+            &dir.display().to_string(),
+        )
+    }
+}
 
 /// Standard deviation of the random weights: small enough that activations stay finite through
 /// the 12 text layers and the UNet, as in CLIP's own initialiser (`initializer_range` 0.02).
@@ -57,6 +135,16 @@ pub enum Case {
     #[value(name = "neti")]
     #[serde(rename = "neti")]
     Neti,
+    /// One `attractor train --method ti+` optimizer step at batch 1: the UNet on the three prompt
+    /// pools (batch 3), the masked losses and InfoNCE, backward, AdamW.
+    #[value(name = "ti+")]
+    #[serde(rename = "ti+")]
+    TiPlus,
+    /// One `attractor train --method neti+` optimizer step at batch 1: as `ti+`, with the NeTI
+    /// mappers (16 layers x 3 prompts in one text pass, nested dropout, textual bypass).
+    #[value(name = "neti+")]
+    #[serde(rename = "neti+")]
+    NetiPlus,
     /// One guided sampling step: UNet forward on batch 2 (unconditional + conditional), no
     /// gradient.
     #[value(name = "sample")]
@@ -65,19 +153,36 @@ pub enum Case {
 }
 
 impl Case {
-    pub const ALL: [Case; 3] = [Case::Ti, Case::Neti, Case::Sample];
+    pub const ALL: [Case; 5] = [
+        Case::Ti,
+        Case::Neti,
+        Case::TiPlus,
+        Case::NetiPlus,
+        Case::Sample,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Case::Ti => "ti",
             Case::Neti => "neti",
+            Case::TiPlus => "ti+",
+            Case::NetiPlus => "neti+",
             Case::Sample => "sample",
         }
     }
 
     /// True when the case runs a backward pass.
     pub fn trains(self) -> bool {
-        matches!(self, Case::Ti | Case::Neti)
+        !matches!(self, Case::Sample)
+    }
+
+    /// The training method whose real [`Trainer`] step this case times, if it is one.
+    pub fn trainer_method(self) -> Option<Method> {
+        match self {
+            Case::TiPlus => Some(Method::TiPlus),
+            Case::NetiPlus => Some(Method::NetiPlus),
+            _ => None,
+        }
     }
 }
 
@@ -253,10 +358,7 @@ impl CaseInputs {
             &size.to_string(),
             &seed.to_string(),
         ]));
-        let batch = match case {
-            Case::Ti | Case::Neti => 1,
-            Case::Sample => 2,
-        };
+        let batch = if case == Case::Sample { 2 } else { 1 };
         let h = size / 8;
         let c = models.unet.config.in_channels;
         let latents = rng.randn((batch, c, h, h), &dev)?;
@@ -318,6 +420,9 @@ fn run_timed(models: &BenchModels, inputs: &CaseInputs) -> Result<RunTimes> {
     let unet = &models.unet;
     let start = Instant::now();
     match inputs.case {
+        Case::TiPlus | Case::NetiPlus => {
+            candle_core::bail!("the {} case runs through the trainer", inputs.case.name())
+        }
         Case::Sample => {
             let out = unet.forward(
                 &inputs.latents,
@@ -444,25 +549,60 @@ pub struct CaseResult {
 
 /// Build the models and run `case` at `size` `runs` times.
 pub fn measure(
-    text_cfg: &TextConfig,
-    unet_cfg: &UNetConfig,
+    cfgs: &BenchConfigs,
     case: Case,
     size: usize,
     runs: usize,
     seed: u64,
     device: &Device,
-) -> Result<CaseResult> {
+) -> anyhow::Result<CaseResult> {
     if runs == 0 {
-        candle_core::bail!("runs must be at least 1");
+        anyhow::bail!("runs must be at least 1");
     }
     let start = Instant::now();
-    let models = BenchModels::random(text_cfg, unet_cfg, seed, device)?;
-    let inputs = CaseInputs::new(&models, case, size, seed)?;
-    let build_s = start.elapsed().as_secs_f64();
-    let mut all = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        all.push(run_once(&models, &inputs)?);
-    }
+    let all = match case.trainer_method() {
+        None => {
+            let models = BenchModels::random(&cfgs.text, &cfgs.unet, seed, device)?;
+            let inputs = CaseInputs::new(&models, case, size, seed)?;
+            let build_s = start.elapsed().as_secs_f64();
+            let mut all = Vec::with_capacity(runs);
+            for _ in 0..runs {
+                all.push(run_once(&models, &inputs)?);
+            }
+            (all, build_s)
+        }
+        Some(method) => {
+            let sd = random_sd(cfgs, seed, device)?;
+            let subject = BenchSubject::create(seed)?;
+            let settings = TrainSettings {
+                method,
+                batch: Some(1),
+                grad_accum: Some(1),
+                resolution: size,
+                seed,
+                ..Default::default()
+            }
+            .resolve()?;
+            let mut trainer = Trainer::new(&sd, settings, &subject.subject, &subject.root)?;
+            let build_s = start.elapsed().as_secs_f64();
+            let mut all = Vec::with_capacity(runs);
+            for _ in 0..runs {
+                let cpu0 = process_cpu_seconds();
+                let log = device.with_context(|| trainer.train_step())?;
+                if !log.loss.is_finite() {
+                    anyhow::bail!("the {} loss is not finite", case.name());
+                }
+                let (forward_s, backward_s) = trainer.last_step_seconds;
+                all.push(RunTimes {
+                    forward_s,
+                    backward_s,
+                    cpu_s: process_cpu_seconds() - cpu0,
+                });
+            }
+            (all, build_s)
+        }
+    };
+    let (all, build_s) = all;
     let pick = |f: fn(&RunTimes) -> f64| median(&all.iter().map(f).collect::<Vec<_>>());
     Ok(CaseResult {
         case,
@@ -475,6 +615,90 @@ pub fn measure(
         build_s,
         peak_rss_bytes: peak_rss_bytes(),
     })
+}
+
+/// The whole model bundle (text encoder, UNet, VAE, schedule, bundled tokenizer) with
+/// [`RandomWeights`], as the trainer takes it.
+pub fn random_sd(
+    cfgs: &BenchConfigs,
+    seed: u64,
+    device: &Device,
+) -> anyhow::Result<StableDiffusion> {
+    let weights = |part: &str| {
+        RandomWeights {
+            seed: Rng::derive_seed(&[&seed.to_string(), part]),
+            std: DEFAULT_STD,
+        }
+        .var_builder(DType::F32, device)
+    };
+    let tokenizer = ClipTokenizer::new(
+        tokenizers::Tokenizer::from_bytes(BUNDLED_TOKENIZER)
+            .map_err(|e| anyhow::anyhow!("bundled tokenizer: {e}"))?,
+    )?;
+    Ok(StableDiffusion {
+        tokenizer,
+        text: TextEncoder::new(weights("text_encoder"), &cfgs.text)?,
+        unet: UNet::new(weights("unet"), &cfgs.unet)?,
+        vae: Vae::new(weights("vae"), &cfgs.vae)?,
+        vae_config: cfgs.vae.clone(),
+        schedule: NoiseSchedule::new(&cfgs.scheduler)?,
+        scheduler_config: cfgs.scheduler.clone(),
+        device: device.clone(),
+        dtype: DType::F32,
+        id: "random weights (bench)".into(),
+    })
+}
+
+/// A two-image subject made up for the trainer cases (random pixels, a centred square mask),
+/// in a temporary folder removed on drop. The images' content does not change a step's cost.
+struct BenchSubject {
+    root: std::path::PathBuf,
+    subject: Subject,
+}
+
+impl BenchSubject {
+    const IMAGES: usize = 2;
+    const SIDE: u32 = 64;
+
+    fn create(seed: u64) -> anyhow::Result<Self> {
+        let root =
+            std::env::temp_dir().join(format!("attractor-bench-{}-{}", std::process::id(), seed));
+        let dir = root.join("bench_subject");
+        std::fs::create_dir_all(dir.join("masks"))
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut rng = Rng::new(Rng::derive_seed(&["bench subject", &seed.to_string()]));
+        let n = Self::SIDE;
+        let mut train_images = Vec::new();
+        for i in 0..Self::IMAGES {
+            let img = image::RgbImage::from_fn(n, n, |_, _| {
+                image::Rgb([0; 3].map(|_: u8| (rng.uniform_f32() * 255.0) as u8))
+            });
+            let path = dir.join(format!("{i:02}.png"));
+            crate::files::save_png(&img, &path)?;
+            let mask = image::GrayImage::from_fn(n, n, |x, y| {
+                let inside = (n / 4..3 * n / 4).contains(&x) && (n / 4..3 * n / 4).contains(&y);
+                image::Luma([if inside { 255 } else { 0 }])
+            });
+            crate::files::save_png(&mask, &dir.join("masks").join(format!("{i:02}.png")))?;
+            train_images.push(path);
+        }
+        let subject = Subject {
+            name: "bench_subject".into(),
+            class: "dog".into(),
+            kind: Kind::Live,
+            dir,
+            train_images,
+            test_images: Vec::new(),
+            captions: Default::default(),
+        };
+        Ok(Self { root, subject })
+    }
+}
+
+impl Drop for BenchSubject {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
 }
 
 #[cfg(test)]
@@ -520,26 +744,19 @@ mod tests {
 
     #[test]
     fn shipped_configs_parse() {
-        let u: UNetConfig = serde_json::from_str(SD15_UNET_CONFIG).unwrap();
-        u.validate().unwrap();
-        assert_eq!(u.num_cross_attention_layers(), 16);
-        let t: TextConfig = serde_json::from_str(SD15_TEXT_CONFIG).unwrap();
-        assert_eq!(t.hidden_size, 768);
+        let c = BenchConfigs::sd15().unwrap();
+        assert_eq!(c.unet.num_cross_attention_layers(), 16);
+        assert_eq!(c.text.hidden_size, 768);
+        assert_eq!(c.vae.block_out_channels.len(), 4);
     }
 
     /// The tiny fixture models run every case end to end (values finite, gradient present).
     #[test]
     fn every_case_runs_on_the_tiny_models() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
-        let tc: TextConfig = serde_json::from_str(
-            &std::fs::read_to_string(root.join("text_encoder/config.json")).unwrap(),
-        )
-        .unwrap();
-        let uc: UNetConfig =
-            serde_json::from_str(&std::fs::read_to_string(root.join("unet/config.json")).unwrap())
-                .unwrap();
+        let cfgs = BenchConfigs::from_dir(&root).unwrap();
         for case in Case::ALL {
-            let r = measure(&tc, &uc, case, 64, 2, 1, &Device::Cpu).unwrap();
+            let r = measure(&cfgs, case, 64, 2, 1, &Device::Cpu).unwrap();
             assert_eq!(r.runs.len(), 2);
             assert!(r.median_s > 0.0);
             assert_eq!(r.median_backward_s > 0.0, case.trains());

@@ -1,13 +1,12 @@
-//! `attractor bench`: time a TI training step, a NeTI-style step and a guided sampling step on
-//! random weights of the real SD 1.5 size (see `crate::bench`), and compare with SPEC.md §7's
+//! `attractor bench`: time a TI training step, a NeTI-style step, the trainer's ti+ and neti+
+//! steps and a guided sampling step on random weights of the real SD 1.5 size (see
+//! `crate::bench`), and compare with SPEC.md §7's
 //! PyTorch figures. Each (case, size) runs in a fresh child process (this binary, re-executed
 //! with the hidden `--case`/`--size` flags), so its peak memory is its own, and under an
 //! address-space limit, so a case that does not fit fails alone instead of waking the OOM killer.
 
 use super::Common;
-use crate::bench::{self, Case, CaseResult};
-use crate::sd::text_encoder::TextConfig;
-use crate::sd::unet::UNetConfig;
+use crate::bench::{self, BenchConfigs, Case, CaseResult};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
@@ -24,7 +23,7 @@ pub struct BenchArgs {
     /// Image sizes in pixels (multiples of 8), comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = vec![256usize, 512])]
     pub sizes: Vec<usize>,
-    /// Cases to run, comma-separated: ti, neti, sample.
+    /// Cases to run, comma-separated: ti, neti, ti+, neti+, sample.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Case::ALL.to_vec())]
     pub cases: Vec<Case>,
     /// Runs per case; the table reports the median.
@@ -75,6 +74,33 @@ struct Report {
     seed: u64,
     weights: String,
     rows: Vec<Row>,
+    /// Per image size: the neti+ step's median time over the ti+ step's (the goal is ≤ 1.3).
+    neti_plus_over_ti_plus: Vec<SizeRatio>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+struct SizeRatio {
+    size: usize,
+    ratio: f64,
+}
+
+/// neti+ over ti+ median step time at each size where both ran.
+fn plus_ratios(rows: &[Row]) -> Vec<SizeRatio> {
+    let median = |case: Case, size: usize| {
+        rows.iter()
+            .find(|r| r.case == case && r.size == size)
+            .and_then(|r| r.result.as_ref())
+            .map(|x| x.median_s)
+    };
+    let mut sizes: Vec<usize> = rows.iter().map(|r| r.size).collect();
+    sizes.dedup();
+    sizes
+        .into_iter()
+        .filter_map(|size| {
+            let ratio = median(Case::NetiPlus, size)? / median(Case::TiPlus, size)?;
+            Some(SizeRatio { size, ratio })
+        })
+        .collect()
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -84,14 +110,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if let Some(&s) = args.sizes.iter().find(|&&s| s == 0 || s % 8 != 0) {
         bail!("--sizes {s}: image sizes must be positive multiples of 8 (e.g. --sizes 256,512)");
     }
-    let (text_cfg, unet_cfg) = configs(&args.common)?;
+    let cfgs = configs(&args.common)?;
     let seed = args.common.seed.unwrap_or(0);
     if let Some(case) = args.case {
         let size = args
             .size
             .context("--case needs --size (it is set by the bench itself)")?;
         let device = args.common.device()?;
-        let r = bench::measure(&text_cfg, &unet_cfg, case, size, args.runs, seed, &device)
+        let r = bench::measure(&cfgs, case, size, args.runs, seed, &device)
             .with_context(|| format!("bench case {} at {size} px", case.name()))?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -119,6 +145,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "random, uniform with std {} (norm layers 1/0), f32",
             bench::DEFAULT_STD
         ),
+        neti_plus_over_ti_plus: plus_ratios(&rows),
         rows,
     };
     let mut out = std::io::stdout().lock();
@@ -128,8 +155,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "ratio = ours / PyTorch 2.15 (SPEC.md §7, same 2-core machine, idle); cpu = CPU seconds of all threads; peak = VmHWM of the case's process, weights included; load = 1-min load average at the start"
+        "ratio = ours / PyTorch 2.15 (SPEC.md §7, same 2-core machine, idle); cpu = CPU seconds of all threads; peak = VmHWM of the case's process, weights included; load = 1-min load average at the start; ti+ and neti+ are whole `train` steps at batch 1 (UNet on 3 prompt pools, AdamW)"
     )?;
+    for r in &report.neti_plus_over_ti_plus {
+        writeln!(
+            out,
+            "neti+ / ti+ step time at {} px: {:.2} (goal: at most 1.3)",
+            r.size, r.ratio
+        )?;
+    }
     if let Some(p) = &args.json {
         crate::files::atomic_write(p, serde_json::to_string_pretty(&report)?.as_bytes())
             .with_context(|| format!("--json {}", p.display()))?;
@@ -137,37 +171,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The SD 1.5 configs: the shipped ones, or `--model DIR`'s `unet/` and `text_encoder/`.
-fn configs(common: &Common) -> Result<(TextConfig, UNetConfig)> {
-    let (text, unet, origin) = match &common.model {
-        None => (
-            bench::SD15_TEXT_CONFIG.to_string(),
-            bench::SD15_UNET_CONFIG.to_string(),
-            "the bundled SD 1.5 configs".to_string(),
-        ),
+/// The SD 1.5 configs: the shipped ones, or `--model DIR`'s.
+fn configs(common: &Common) -> Result<BenchConfigs> {
+    match &common.model {
+        None => BenchConfigs::sd15(),
         Some(m) => {
             let dir = Path::new(m);
             if !dir.is_dir() {
-                bail!("--model {m}: bench builds random weights from configs only; give a local folder with unet/config.json and text_encoder/config.json, or leave --model out for SD 1.5's");
+                bail!("--model {m}: bench builds random weights from configs only; give a local folder with text_encoder/, unet/, vae/ and scheduler/ configs, or leave --model out for SD 1.5's");
             }
-            let read = |p: PathBuf| {
-                std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
-            };
-            (
-                read(dir.join("text_encoder/config.json"))?,
-                read(dir.join("unet/config.json"))?,
-                dir.display().to_string(),
-            )
+            BenchConfigs::from_dir(dir)
         }
-    };
-    let t: TextConfig = serde_json::from_str(&text).with_context(|| {
-        format!("text_encoder/config.json of {origin} is not a CLIP text config")
-    })?;
-    let u: UNetConfig = serde_json::from_str(&unet)
-        .with_context(|| format!("unet/config.json of {origin} is not a UNet config"))?;
-    u.validate()
-        .with_context(|| format!("unet/config.json of {origin}"))?;
-    Ok((t, u))
+    }
 }
 
 /// Run one case in a fresh process of this binary and read its JSON line.
@@ -269,7 +284,7 @@ fn limit_address_space(cmd: &mut Command, bytes: u64) {
 
 fn header() -> String {
     format!(
-        "{:<7}{:>6}{:>10}{:>9}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}{:>6}  {}",
+        "{:<8}{:>6}{:>10}{:>9}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}{:>6}  {}",
         "case",
         "px",
         "median s",
@@ -289,7 +304,7 @@ fn format_row(r: &Row) -> String {
     let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
     let res = r.result.as_ref();
     format!(
-        "{:<7}{:>6}{:>10}{:>9}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}{:>6}  {}",
+        "{:<8}{:>6}{:>10}{:>9}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}{:>6}  {}",
         r.case.name(),
         r.size,
         f(res.map(|x| x.median_s), 2),
@@ -332,6 +347,8 @@ mod tests {
         assert_eq!(w.b.cases, vec![Case::Ti, Case::Sample]);
         assert_eq!(w.b.runs, 1);
         assert!(Wrap::try_parse_from(["x", "--cases", "dreambooth"]).is_err());
+        let w = Wrap::try_parse_from(["x", "--cases", "ti+,neti+"]).unwrap();
+        assert_eq!(w.b.cases, vec![Case::TiPlus, Case::NetiPlus]);
     }
 
     #[test]
@@ -341,5 +358,48 @@ mod tests {
         assert!(e.contains("--sizes 250"), "{e}");
         let w = Wrap::try_parse_from(["x", "--runs", "0"]).unwrap();
         assert!(run(&w.b).unwrap_err().to_string().contains("--runs"));
+    }
+
+    fn row(case: Case, size: usize, median_s: Option<f64>) -> Row {
+        Row {
+            case,
+            size,
+            status: "ok".into(),
+            error: None,
+            result: median_s.map(|m| CaseResult {
+                case,
+                size,
+                runs: Vec::new(),
+                median_s: m,
+                median_forward_s: 0.0,
+                median_backward_s: 0.0,
+                median_cpu_s: 0.0,
+                build_s: 0.0,
+                peak_rss_bytes: None,
+            }),
+            peak_rss_gib: None,
+            pytorch_s: None,
+            pytorch_rss_gib: None,
+            time_ratio: None,
+            load_avg: None,
+        }
+    }
+
+    #[test]
+    fn neti_plus_over_ti_plus_only_where_both_ran() {
+        let rows = vec![
+            row(Case::TiPlus, 256, Some(10.0)),
+            row(Case::NetiPlus, 256, Some(12.5)),
+            row(Case::TiPlus, 512, Some(40.0)),
+            row(Case::NetiPlus, 512, None),
+            row(Case::Ti, 1024, Some(1.0)),
+        ];
+        assert_eq!(
+            plus_ratios(&rows),
+            vec![SizeRatio {
+                size: 256,
+                ratio: 1.25
+            }]
+        );
     }
 }

@@ -88,6 +88,9 @@ pub struct Trainer<'a> {
     cursor: usize,
     sampler: PromptSampler,
     vocab: u32,
+    /// Wall-clock seconds of the last [`Trainer::train_step`]: (forward and losses, backward and
+    /// optimizer). Read by `attractor bench`; never saved.
+    pub last_step_seconds: (f64, f64),
 }
 
 /// Masks a method needs but the subject lacks: the error lists them and names the command.
@@ -226,6 +229,7 @@ impl<'a> Trainer<'a> {
             examples,
             order: Vec::new(),
             cursor: 0,
+            last_step_seconds: (0.0, 0.0),
         })
     }
 
@@ -386,7 +390,9 @@ impl<'a> Trainer<'a> {
         let mut grads = None;
         let mut sums = [0f64; 5];
         let mut plus = false;
+        let (mut forward_s, mut backward_s) = (0.0, 0.0);
         for _ in 0..accum {
+            let t0 = std::time::Instant::now();
             let (loss, parts, is_plus) = self.micro_batch(p)?;
             plus = is_plus;
             let scalar =
@@ -404,13 +410,18 @@ impl<'a> Trainer<'a> {
             sums[2] += scalar(&parts.bg)?;
             sums[3] += scalar(&parts.joint)?;
             sums[4] += scalar(&parts.nce)?;
+            let t1 = std::time::Instant::now();
+            forward_s += (t1 - t0).as_secs_f64();
             let g = (loss / accum as f64)?.backward()?;
             grads = Some(accumulate(grads, g, &self.opt.vars)?);
+            backward_s += t1.elapsed().as_secs_f64();
         }
         let grads = grads.ok_or_else(|| anyhow::anyhow!("no micro-batches"))?;
         let lr = self.info.settings.lr;
+        let t2 = std::time::Instant::now();
         self.opt.step(&grads, lr)?;
         self.refresh_learned()?;
+        self.last_step_seconds = (forward_s, backward_s + t2.elapsed().as_secs_f64());
         self.step += 1;
         let n = accum as f64;
         let opt = |v: f64| if plus { Some(v / n) } else { None };
