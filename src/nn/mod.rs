@@ -17,7 +17,10 @@
 mod attach;
 mod attention;
 mod conv;
+mod gelu;
 mod softmax;
+
+pub use gelu::quick_gelu;
 
 /// Helpers shared by this module's tests (gradient checks run in f64).
 #[cfg(test)]
@@ -398,11 +401,6 @@ pub fn broadcast_add(x: &Tensor, c: &Tensor) -> Result<Tensor> {
         y,
         Box::new(|_, _, g| Ok(vec![Some(g.clone())])),
     )
-}
-
-/// `x * sigmoid(1.702 x)`: CLIP's quick GELU.
-pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
 }
 
 /// Nearest-neighbour ×2 upsampling. candle's `upsample_nearest2d` backward overwrites instead of
