@@ -46,6 +46,131 @@ fn block_probs(q_blk: &Tensor, kt: &Tensor, scale: f64, mask: Option<&Tensor>) -
     super::softmax::softmax_last_dim(&s)
 }
 
+/// Scores per task of [`cpu_forward`]: 64 K f32 = 256 KB, so a block of scores stays in a core's
+/// L2 cache from the product that writes it, through the softmax, to the product that reads it.
+const CPU_TASK_SCORES: usize = 1 << 16;
+
+/// Attention without a graph on the CPU in f32, without a mask: one task per (batch x head,
+/// block of queries), each computing `S = s Q K^T` into its own cache-sized buffer, the softmax
+/// in place and `O = P V`, with `gemm` called directly (no tensor per block). `None` where this
+/// path does not apply (other devices or dtypes, a CPU without AVX2/FMA). Inputs contiguous.
+fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    use candle_core::{DType, Device, Storage};
+    if !matches!(q.device(), Device::Cpu)
+        || q.dtype() != DType::F32
+        || !super::softmax::simd_available()
+    {
+        return Ok(None);
+    }
+    let (b, h, lq, d) = q.dims4()?;
+    let lk = k.dim(2)?;
+    if k.dims4()? != (b, h, lk, d) || v.dims4()? != (b, h, lk, d) {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not match",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        );
+    }
+    let (q_st, q_l) = q.storage_and_layout();
+    let (k_st, k_l) = k.storage_and_layout();
+    let (v_st, v_l) = v.storage_and_layout();
+    let slice = |st: &Storage, l: &candle_core::Layout| -> Result<*const f32> {
+        match (st, l.contiguous_offsets()) {
+            (Storage::Cpu(c), Some((a, _))) => Ok(c.as_slice::<f32>()?[a..].as_ptr()),
+            _ => candle_core::bail!("attention: inputs have to be contiguous CPU tensors"),
+        }
+    };
+    let (qs, ks, vs) = (
+        PtrIn(slice(&q_st, q_l)?),
+        PtrIn(slice(&k_st, k_l)?),
+        PtrIn(slice(&v_st, v_l)?),
+    );
+    let bh = b * h;
+    let rows = (CPU_TASK_SCORES / lk.max(1)).clamp(1, lq.max(1));
+    let per_head = lq.div_ceil(rows);
+    let mut out = vec![0f32; bh * lq * d];
+    let dst = OutPtr(out.as_mut_ptr());
+    let scale = scale as f32;
+    candle_core::utils::barrier_pool().execute_chunked(bh * per_head, |tasks| {
+        #[allow(clippy::redundant_locals)]
+        let (dst, qs, ks, vs) = (dst, qs, ks, vs);
+        let mut scores = vec![0f32; rows * lk];
+        let mut tmp = vec![0f32; lk];
+        for task in tasks {
+            let (head, blk) = (task / per_head, task % per_head);
+            let r0 = blk * rows;
+            let r = rows.min(lq - r0);
+            let s = &mut scores[..r * lk];
+            // SAFETY: the storages are held (read guards above) for the whole call; every pointer
+            // spans the matrix its strides describe: `s` is r x lk row-major, the queries r x d
+            // row-major, the keys lk x d row-major read as K^T (d x lk), the values lk x d; the
+            // output rows [head * lq + r0, + r) belong to this task alone.
+            unsafe {
+                gemm::gemm(
+                    r,
+                    lk,
+                    d,
+                    s.as_mut_ptr(),
+                    1,
+                    lk as isize,
+                    false,
+                    qs.0.add((head * lq + r0) * d),
+                    1,
+                    d as isize,
+                    ks.0.add(head * lk * d),
+                    d as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                super::softmax::softmax_rows_in_place(s, lk, &mut tmp);
+                gemm::gemm(
+                    r,
+                    d,
+                    lk,
+                    dst.0.add((head * lq + r0) * d),
+                    1,
+                    d as isize,
+                    false,
+                    s.as_ptr(),
+                    1,
+                    lk as isize,
+                    vs.0.add(head * lk * d),
+                    1,
+                    d as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    });
+    drop((q_st, k_st, v_st));
+    Ok(Some(Tensor::from_vec(out, (b, h, lq, d), q.device())?))
+}
+
+/// A raw output pointer shared by the workers; each writes only its own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the rows handed to different tasks are disjoint.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// A raw input pointer shared by the workers (read only).
+#[derive(Clone, Copy)]
+struct PtrIn(*const f32);
+// SAFETY: the data is only read while its storage guard is held.
+unsafe impl Send for PtrIn {}
+unsafe impl Sync for PtrIn {}
+
 /// Attention without a graph, block by block over the queries. All inputs contiguous.
 fn forward_blocks(
     q: &Tensor,
@@ -55,6 +180,11 @@ fn forward_blocks(
     scale: f64,
     budget: usize,
 ) -> Result<Tensor> {
+    if mask.is_none() {
+        if let Some(o) = cpu_forward(q, k, v, scale)? {
+            return Ok(o);
+        }
+    }
     let (b, h, q_len, _) = q.dims4()?;
     let k_len = k.dim(2)?;
     let kt = k.t()?;
@@ -173,7 +303,7 @@ fn attention_with_budget(
 mod tests {
     use super::*;
     use crate::nn::testing::{max_diff, randn};
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// Values and q/k/v gradients equal the composed attention's (whose backward is candle's),
     /// with and without a causal mask, in one block and in several uneven ones.
@@ -217,6 +347,75 @@ mod tests {
                 let a = g1.get(var.as_tensor()).unwrap();
                 let e = g2.get(var.as_tensor()).unwrap();
                 assert!(max_diff(a, e) < 1e-12, "gradient {i}, budget {budget}");
+            }
+        }
+    }
+
+    /// The fused CPU forward (f32) against the composed attention in f64: self- and
+    /// cross-attention shapes, one task block and several with an uneven tail; and its gradients
+    /// (the blocked backward) against the composition's.
+    #[test]
+    fn fused_cpu_forward_matches_composed_attention() {
+        if !crate::nn::softmax::simd_available() {
+            return;
+        }
+        for (b, h, lq, lk, d) in [(2, 3, 9, 77, 8), (1, 2, 300, 1000, 16)] {
+            let xs: Vec<Tensor> = [(lq, 11), (lk, 12), (lk, 13)]
+                .iter()
+                .map(|&(l, s)| randn(&[b, h, l, d], s))
+                .collect();
+            let scale = 1.0 / (d as f64).sqrt();
+            let f32s: Vec<Tensor> = xs.iter().map(|x| x.to_dtype(DType::F32).unwrap()).collect();
+            let fused = cpu_forward(&f32s[0], &f32s[1], &f32s[2], scale)
+                .unwrap()
+                .expect("the fused path applies to f32 CPU tensors");
+            let reference = super::super::attention_composed(&xs[0], &xs[1], &xs[2], None).unwrap();
+            let diff = max_diff(&fused.to_dtype(DType::F64).unwrap(), &reference);
+            assert!(diff < 1e-5, "forward {lq}x{lk}: {diff}");
+            // Through the differentiable entry point: f32 values and gradients.
+            let vars: Vec<Var> = f32s.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+            let r = randn(&[b, h, lq, d], 14).to_dtype(DType::F32).unwrap();
+            let ours = attention_blocks(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+                None,
+            )
+            .unwrap();
+            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let rv: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+            let expect = super::super::attention_composed(
+                rv[0].as_tensor(),
+                rv[1].as_tensor(),
+                rv[2].as_tensor(),
+                None,
+            )
+            .unwrap();
+            let g2 = (&expect * &r.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for i in 0..3 {
+                let a = g1
+                    .get(vars[i].as_tensor())
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap();
+                let e = g2.get(rv[i].as_tensor()).unwrap();
+                let scale_e = e
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let diff = max_diff(&a, e);
+                assert!(
+                    diff < 1e-4 * scale_e.max(1.0),
+                    "gradient {i} {lq}x{lk}: {diff}"
+                );
             }
         }
     }

@@ -19,6 +19,21 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// True when [`softmax_rows_in_place`] can run (x86-64 with AVX2 and FMA).
+pub(super) fn simd_available() -> bool {
+    simd::available()
+}
+
+/// Softmax of each `d`-wide row of `buf`, in place; `tmp` holds at least `d` values. Only call
+/// when [`simd_available`].
+pub(super) fn softmax_rows_in_place(buf: &mut [f32], d: usize, tmp: &mut [f32]) {
+    let tmp = &mut tmp[..d];
+    for row in buf.chunks_exact_mut(d) {
+        tmp.copy_from_slice(row);
+        simd::softmax_row(tmp, row);
+    }
+}
+
 struct CpuSoftmax;
 
 /// A raw output pointer shared by the workers; each writes only its own rows.
