@@ -15,9 +15,8 @@ use crate::data::layout::{Kind, Subject};
 use crate::personalize::method::Method;
 use crate::personalize::neti;
 use crate::personalize::settings::TrainSettings;
-use crate::personalize::tokens::ClipTokenizer;
 use crate::personalize::trainer::Trainer;
-use crate::pipeline::{StableDiffusion, BUNDLED_TOKENIZER};
+use crate::pipeline::{bundled_tokenizer, StableDiffusion};
 use crate::rng::Rng;
 use crate::sd::schedule::{NoiseSchedule, SchedulerConfig};
 use crate::sd::text_encoder::{TextConfig, TextEncoder};
@@ -214,6 +213,16 @@ impl RandomWeights {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }
 
+    /// The f32 weights of one model part (`"unet"`, ...) of the models seeded `seed`, at
+    /// [`DEFAULT_STD`]: each part draws from its own stream.
+    pub fn part(seed: u64, part: &str, device: &Device) -> VarBuilder<'static> {
+        RandomWeights {
+            seed: Rng::derive_seed(&[&seed.to_string(), part]),
+            std: DEFAULT_STD,
+        }
+        .var_builder(DType::F32, device)
+    }
+
     fn values(&self, name: &str, n: usize) -> Vec<f32> {
         let leaf = name.rsplit('.').nth(1).unwrap_or("");
         let last = name.rsplit('.').next().unwrap_or("");
@@ -275,13 +284,7 @@ impl BenchModels {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        let weights = |part: &str| {
-            RandomWeights {
-                seed: Rng::derive_seed(&[&seed.to_string(), part]),
-                std: DEFAULT_STD,
-            }
-            .var_builder(DType::F32, device)
-        };
+        let weights = |part| RandomWeights::part(seed, part, device);
         Ok(Self {
             text_encoder: TextEncoder::new(weights("text_encoder"), text_cfg)?,
             unet: UNet::new(weights("unet"), unet_cfg)?,
@@ -560,7 +563,7 @@ pub fn measure(
         anyhow::bail!("runs must be at least 1");
     }
     let start = Instant::now();
-    let all = match case.trainer_method() {
+    let (all, build_s) = match case.trainer_method() {
         None => {
             let models = BenchModels::random(&cfgs.text, &cfgs.unet, seed, device)?;
             let inputs = CaseInputs::new(&models, case, size, seed)?;
@@ -602,7 +605,6 @@ pub fn measure(
             (all, build_s)
         }
     };
-    let (all, build_s) = all;
     let pick = |f: fn(&RunTimes) -> f64| median(&all.iter().map(f).collect::<Vec<_>>());
     Ok(CaseResult {
         case,
@@ -624,22 +626,13 @@ pub fn random_sd(
     seed: u64,
     device: &Device,
 ) -> anyhow::Result<StableDiffusion> {
-    let weights = |part: &str| {
-        RandomWeights {
-            seed: Rng::derive_seed(&[&seed.to_string(), part]),
-            std: DEFAULT_STD,
-        }
-        .var_builder(DType::F32, device)
-    };
-    let tokenizer = ClipTokenizer::new(
-        tokenizers::Tokenizer::from_bytes(BUNDLED_TOKENIZER)
-            .map_err(|e| anyhow::anyhow!("bundled tokenizer: {e}"))?,
-    )?;
+    let BenchModels { text_encoder, unet } =
+        BenchModels::random(&cfgs.text, &cfgs.unet, seed, device)?;
     Ok(StableDiffusion {
-        tokenizer,
-        text: TextEncoder::new(weights("text_encoder"), &cfgs.text)?,
-        unet: UNet::new(weights("unet"), &cfgs.unet)?,
-        vae: Vae::new(weights("vae"), &cfgs.vae)?,
+        tokenizer: bundled_tokenizer()?,
+        text: text_encoder,
+        unet,
+        vae: Vae::new(RandomWeights::part(seed, "vae", device), &cfgs.vae)?,
         vae_config: cfgs.vae.clone(),
         schedule: NoiseSchedule::new(&cfgs.scheduler)?,
         scheduler_config: cfgs.scheduler.clone(),

@@ -20,6 +20,14 @@ use std::path::Path;
 /// The CLIP BPE tokenizer, bundled so that the binary works without it on disk.
 pub const BUNDLED_TOKENIZER: &[u8] = include_bytes!("../assets/clip-tokenizer.json");
 
+/// CLIP's tokenizer from the copy built into the binary.
+pub fn bundled_tokenizer() -> Result<ClipTokenizer> {
+    Ok(ClipTokenizer::new(
+        tokenizers::Tokenizer::from_bytes(BUNDLED_TOKENIZER)
+            .map_err(|e| anyhow::anyhow!("bundled tokenizer: {e}"))?,
+    )?)
+}
+
 /// How to sample (SPEC.md §2 defaults: DDIM 50 steps, CFG 7.5, 512 x 512).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SampleSettings {
@@ -82,10 +90,7 @@ impl StableDiffusion {
         let tokenizer = match &files.tokenizer {
             Some(p) => ClipTokenizer::from_file(p)
                 .with_context(|| format!("cannot load tokenizer {}", p.display()))?,
-            None => ClipTokenizer::new(
-                tokenizers::Tokenizer::from_bytes(BUNDLED_TOKENIZER)
-                    .map_err(|e| anyhow::anyhow!("bundled tokenizer: {e}"))?,
-            )?,
+            None => bundled_tokenizer()?,
         };
         let text_cfg: TextConfig = read_json(&files.text_config)?;
         let text = TextEncoder::new(open_weights(&files.text_weights, dtype, device)?, &text_cfg)
