@@ -82,15 +82,15 @@ fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<
         }
     };
     let (qs, ks, vs) = (
-        PtrIn(slice(&q_st, q_l)?),
-        PtrIn(slice(&k_st, k_l)?),
-        PtrIn(slice(&v_st, v_l)?),
+        super::Shared(slice(&q_st, q_l)?),
+        super::Shared(slice(&k_st, k_l)?),
+        super::Shared(slice(&v_st, v_l)?),
     );
     let bh = b * h;
     let rows = (CPU_TASK_SCORES / lk.max(1)).clamp(1, lq.max(1));
     let per_head = lq.div_ceil(rows);
     let mut out = vec![0f32; bh * lq * d];
-    let dst = OutPtr(out.as_mut_ptr());
+    let dst = super::Shared(out.as_mut_ptr());
     let scale = scale as f32;
     candle_core::utils::barrier_pool().execute_chunked(bh * per_head, |tasks| {
         #[allow(clippy::redundant_locals)]
@@ -156,20 +156,6 @@ fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<
     drop((q_st, k_st, v_st));
     Ok(Some(Tensor::from_vec(out, (b, h, lq, d), q.device())?))
 }
-
-/// A raw output pointer shared by the workers; each writes only its own rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the rows handed to different tasks are disjoint.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-/// A raw input pointer shared by the workers (read only).
-#[derive(Clone, Copy)]
-struct PtrIn(*const f32);
-// SAFETY: the data is only read while its storage guard is held.
-unsafe impl Send for PtrIn {}
-unsafe impl Sync for PtrIn {}
 
 /// Attention without a graph, block by block over the queries. All inputs contiguous.
 fn forward_blocks(

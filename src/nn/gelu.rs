@@ -37,7 +37,8 @@ fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a
 /// `dst[i] = f(i)` over candle's CPU thread pool, in chunks.
 fn par_fill(n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
     let mut dst = vec![0f32; n];
-    let out = OutPtr(dst.as_mut_ptr());
+    // Each worker writes only its own chunks.
+    let out = super::Shared(dst.as_mut_ptr());
     const CHUNK: usize = 1 << 14;
     candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |range| {
         #[allow(clippy::redundant_locals)]
@@ -51,13 +52,6 @@ fn par_fill(n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
     });
     dst
 }
-
-/// A raw output pointer shared by the workers; each writes only its own chunks.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the chunks handed to different workers are disjoint.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 struct QuickGelu;
 

@@ -22,6 +22,22 @@ mod softmax;
 
 pub use gelu::quick_gelu;
 
+/// A raw pointer handed to the workers of candle's CPU thread pool
+/// (`barrier_pool().execute_chunked`), which need `Send + Sync` captures. Whoever makes one
+/// upholds what the compiler cannot check: through a `*mut`, workers write disjoint parts; behind
+/// a `*const`, the data is only read; and the owner outlives the pool call.
+struct Shared<P>(P);
+
+impl<P: Copy> Clone for Shared<P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<P: Copy> Copy for Shared<P> {}
+// SAFETY: the disjoint-writes / read-only contract above, stated again at each use.
+unsafe impl<P> Send for Shared<P> {}
+unsafe impl<P> Sync for Shared<P> {}
+
 /// Helpers shared by this module's tests (gradient checks run in f64).
 #[cfg(test)]
 mod testing {

@@ -36,13 +36,6 @@ pub(super) fn softmax_rows_in_place(buf: &mut [f32], d: usize, tmp: &mut [f32]) 
 
 struct CpuSoftmax;
 
-/// A raw output pointer shared by the workers; each writes only its own rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the rows handed to different workers are disjoint.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 impl CustomOp1 for CpuSoftmax {
     fn name(&self) -> &'static str {
         "softmax-last-dim-simd"
@@ -58,7 +51,8 @@ impl CustomOp1 for CpuSoftmax {
         let d = shape.dims().last().copied().unwrap_or(1).max(1);
         let rows = src.len() / d;
         let mut dst = vec![0f32; src.len()];
-        let out = OutPtr(dst.as_mut_ptr());
+        // Each worker writes only its own rows.
+        let out = super::Shared(dst.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
             // Capture the whole (Sync) wrapper, not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
