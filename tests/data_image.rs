@@ -1,6 +1,9 @@
 //! Image and mask decoding (src/data/image.rs): EXIF orientation, colour types, CMYK JPEGs, bad
 //! files, the training tensor, and the mask resize against the golden `mask.image -> mask.latent`.
 
+mod common;
+use common::max_abs;
+
 use attractor::data::image::{
     check_mask_dims, hflip, load_mask, load_mask_for, load_rgb, mask_to_latent, to_tensor,
 };
@@ -14,19 +17,6 @@ fn golden() -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn mask_latent_matches_golden_nearest_resize() {
     let g = golden();
@@ -34,7 +24,7 @@ fn mask_latent_matches_golden_nearest_resize() {
     let want = &g["mask.latent"]; // [1, 1, 16, 16]
     let got = mask_to_latent(img, 16).unwrap();
     assert_eq!(got.dims(), want.dims());
-    assert_eq!(max_abs_diff(&got, want), 0.0);
+    assert_eq!(max_abs(&(&got - want).unwrap()), 0.0);
 
     // The same mask through a PNG file and load_mask (binarised at 0.5) gives the same tensor.
     let dir = tempfile::tempdir().unwrap();
@@ -47,9 +37,9 @@ fn mask_latent_matches_golden_nearest_resize() {
         .unwrap();
     let loaded = load_mask(&path, 128).unwrap();
     assert_eq!(loaded.dims(), &[1, 128, 128]);
-    assert_eq!(max_abs_diff(&loaded, &img.squeeze(0).unwrap()), 0.0);
+    assert_eq!(max_abs(&(&loaded - img.squeeze(0).unwrap()).unwrap()), 0.0);
     let lat = mask_to_latent(&loaded, 16).unwrap();
-    assert_eq!(max_abs_diff(&lat, &want.squeeze(0).unwrap()), 0.0);
+    assert_eq!(max_abs(&(&lat - want.squeeze(0).unwrap()).unwrap()), 0.0);
 }
 
 /// `vae.image` is dog/train/00.jpg as the reference preprocessed it (PIL bicubic resize to

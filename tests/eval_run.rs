@@ -3,7 +3,7 @@
 
 mod common;
 use common::fixtures;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn bin() -> Command {
@@ -22,6 +22,26 @@ fn train_tiny(args: &[&str], data: Option<&Path>, out: &Path) {
     }
     let o = c.arg("--out").arg(out).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A small dataset in `dir/data` and a two-step `method` run on `subject` with a checkpoint at
+/// every step in `dir/run`: `(data, run)`.
+fn checkpointed_run(dir: &Path, subject: &str, method: &str) -> (PathBuf, PathBuf) {
+    let data = dir.join("data");
+    common::make_dataset(&data);
+    let run = dir.join("run");
+    let args = [
+        "--subject",
+        subject,
+        "--method",
+        method,
+        "--steps",
+        "2",
+        "--save-every",
+        "1",
+    ];
+    train_tiny(&args, Some(&data), &run);
+    (data, run)
 }
 
 /// `attractor eval MODE TARGET ARGS` with tiny-sd, tiny-clip and tiny-dino: 1 sample per
@@ -99,20 +119,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn eval_checkpoints_scores_every_saved_step() {
     let t = tempfile::tempdir().unwrap();
-    let data = t.path().join("data");
-    common::make_dataset(&data);
-    let run = t.path().join("run");
-    let args = [
-        "--subject",
-        "dog",
-        "--method",
-        "ti",
-        "--steps",
-        "2",
-        "--save-every",
-        "1",
-    ];
-    train_tiny(&args, Some(&data), &run);
+    let (data, run) = checkpointed_run(t.path(), "dog", "ti");
     let out = t.path().join("curves");
     let eval = |run: &Path| eval_tiny("--checkpoints", run, &[], Some(&data), &out);
     let o = eval(&run);
@@ -189,20 +196,7 @@ fn eval_checkpoints_scores_every_saved_step() {
 #[test]
 fn eval_checkpoints_of_a_neti_run() {
     let t = tempfile::tempdir().unwrap();
-    let data = t.path().join("data");
-    common::make_dataset(&data);
-    let run = t.path().join("run");
-    let args = [
-        "--subject",
-        "candle",
-        "--method",
-        "neti",
-        "--steps",
-        "2",
-        "--save-every",
-        "1",
-    ];
-    train_tiny(&args, Some(&data), &run);
+    let (data, run) = checkpointed_run(t.path(), "candle", "neti");
     assert!(run.join("mapper-steps-1.safetensors").is_file());
     let out = t.path().join("curves");
     let o = eval_tiny(

@@ -38,9 +38,9 @@ impl<P: Copy> Copy for Shared<P> {}
 unsafe impl<P> Send for Shared<P> {}
 unsafe impl<P> Sync for Shared<P> {}
 
-/// Helpers shared by this module's tests (gradient checks run in f64).
+/// Helpers shared by the crate's unit tests (gradient checks run in f64).
 #[cfg(test)]
-mod testing {
+pub(crate) mod testing {
     use candle_core::{DType, Device, Tensor};
 
     /// Standard normal values from our seeded RNG, as f64.
@@ -52,7 +52,7 @@ mod testing {
             .unwrap()
     }
 
-    /// `max |a - b|` of two f64 tensors.
+    /// `max |a - b|` of two tensors of one float dtype, as f64 (exact for f32).
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b)
             .unwrap()
@@ -61,6 +61,8 @@ mod testing {
             .flatten_all()
             .unwrap()
             .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()

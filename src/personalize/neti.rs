@@ -600,19 +600,7 @@ pub fn bypass(e_pre_ln: &Tensor, pos: &[usize], b: &Tensor, alpha: f64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::nn::testing::max_diff;
 
     fn tiny_cfg() -> MapperConfig {
         MapperConfig::new(8, 0.5)
@@ -640,7 +628,7 @@ mod tests {
         assert_eq!(a.dims(), &[160, 2 * NUM_W]);
         // t-major: row 3 * 16 + 5 is (t = 300, l = 5).
         let want = enc.encode(&[300.0], &[5.0]).unwrap();
-        assert_eq!(max_abs(&a.narrow(0, 53, 1).unwrap(), &want), 0.0);
+        assert_eq!(max_diff(&a.narrow(0, 53, 1).unwrap(), &want), 0.0);
     }
 
     #[test]
@@ -651,10 +639,10 @@ mod tests {
         let m1 = NetiMapper::init(&vm1, "", &cfg, &mut Rng::new(7), &dev).unwrap();
         let m2 = NetiMapper::init(&vm2, "", &cfg, &mut Rng::new(7), &dev).unwrap();
         for ((n, a), (_, b)) in m1.tensors().iter().zip(m2.tensors().iter()) {
-            assert_eq!(max_abs(a, b), 0.0, "{n} differs between equal seeds");
+            assert_eq!(max_diff(a, b), 0.0, "{n} differs between equal seeds");
         }
         let anchors = m1.encoder.anchors(10, 16).unwrap();
-        assert_eq!(max_abs(&m1.input_layer.weight, &anchors), 0.0);
+        assert_eq!(max_diff(&m1.input_layer.weight, &anchors), 0.0);
         // 12 trainable tensors, w is not among them; ~564k parameters at width 768.
         assert_eq!(vm1.all_vars().len(), 12);
         let n: usize = param_shapes(&MapperConfig::new(768, 1.0), 2048)
@@ -696,10 +684,13 @@ mod tests {
             (word.dims(), byp.dims()),
             (&[4usize, 8][..], &[4usize, 8][..])
         );
-        assert_eq!(max_abs(&Tensor::cat(&[&word, &byp], 1).unwrap(), &out), 0.0);
+        assert_eq!(
+            max_diff(&Tensor::cat(&[&word, &byp], 1).unwrap(), &out),
+            0.0
+        );
         // Truncation at 128 changes nothing; at 16 it matches a hand-masked hidden state.
         let full = m.forward(&t, &l, Some(HIDDEN), None).unwrap();
-        assert_eq!(max_abs(&full, &out), 0.0);
+        assert_eq!(max_diff(&full, &out), 0.0);
         let tr = m.forward(&t, &l, Some(16), None).unwrap();
         let h = m.hidden(&t, &l).unwrap();
         let hm = Tensor::cat(
@@ -710,8 +701,8 @@ mod tests {
             1,
         )
         .unwrap();
-        assert!(max_abs(&tr, &m.output(&hm).unwrap()) < 1e-7);
-        assert!(max_abs(&tr, &out) > 1e-4);
+        assert!(max_diff(&tr, &m.output(&hm).unwrap()) < 1e-7);
+        assert!(max_diff(&tr, &out) > 1e-4);
         assert!(m.forward(&t, &l, Some(129), None).is_err());
         // Dropout: prob 1 -> every layer group truncated at its own k; prob 0 -> nothing.
         let mut rng = Rng::new(5);
@@ -732,7 +723,7 @@ mod tests {
         // The same rng state gives the same dropped output.
         let a = m.forward(&t, &l, None, Some(&mut Rng::new(11))).unwrap();
         let b = m.forward(&t, &l, None, Some(&mut Rng::new(11))).unwrap();
-        assert_eq!(max_abs(&a, &b), 0.0);
+        assert_eq!(max_diff(&a, &b), 0.0);
     }
 
     #[test]
@@ -775,20 +766,20 @@ mod tests {
         assert_eq!(back.cfg, cfg);
         for ((n, a), (n2, b)) in m.tensors().iter().zip(back.tensors().iter()) {
             assert_eq!(n, n2);
-            assert_eq!(max_abs(a, b), 0.0, "{n}");
+            assert_eq!(max_diff(a, b), 0.0, "{n}");
         }
         let (t, l) = ([10.0, 900.0], [1.0, 14.0]);
         let a = m.forward(&t, &l, Some(32), None).unwrap();
         // The weights are bit-identical (above); the trainable mapper's Linear layers take the
         // variable-weight path and the loaded one the frozen-weight op of `crate::nn`, whose
         // float summation order may differ in the last bit.
-        let err = max_abs(&a, &back.forward(&t, &l, Some(32), None).unwrap());
+        let err = max_diff(&a, &back.forward(&t, &l, Some(32), None).unwrap());
         assert!(err <= 1e-6, "outputs differ by {err}");
         let vm = VarMap::new();
         let (tr, _) = NetiMapper::load_trainable(&path, &vm, "a1", &dev).unwrap();
         assert_eq!(vm.all_vars().len(), 12);
         assert_eq!(
-            max_abs(&a, &tr.forward(&t, &l, Some(32), None).unwrap()),
+            max_diff(&a, &tr.forward(&t, &l, Some(32), None).unwrap()),
             0.0
         );
         let meta = crate::files::read_safetensors_metadata(&path).unwrap();
@@ -810,7 +801,7 @@ mod tests {
         let out = bypass(&e, &[1], &b, 0.2).unwrap();
         // e + 0.2 * (0, 1) * 5 = (3, 5).
         let want = Tensor::new(&[[[1f32, 1.], [3., 5.], [0., 2.]]], &dev).unwrap();
-        assert!(max_abs(&out, &want) < 1e-6);
+        assert!(max_diff(&out, &want) < 1e-6);
         let ev = Var::from_tensor(&e).unwrap();
         let bv = Var::from_tensor(&Tensor::new(&[[1f32, 2.]], &dev).unwrap()).unwrap();
         let g = bypass(ev.as_tensor(), &[1], bv.as_tensor(), 0.2)
