@@ -95,7 +95,17 @@ fn private_binary(dir: &Path) -> PathBuf {
     let built = PathBuf::from(env!("CARGO_BIN_EXE_attractor"));
     let copy = dir.join("attractor");
     std::fs::copy(&built, &copy).unwrap();
-    let help = Command::new(&copy).arg("--help").output().unwrap();
+    // Running a file just written can fail with ETXTBSY while a test running in parallel forks:
+    // its child holds a copy of the write descriptor until it execs. Wait for that and retry.
+    let help = (0..50)
+        .find_map(|_| match Command::new(&copy).arg("--help").output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                None
+            }
+            r => Some(r.unwrap()),
+        })
+        .unwrap_or_else(|| panic!("{} stayed busy (ETXTBSY) for 5 s", copy.display()));
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(
         help.contains("report") && help.contains("train"),
