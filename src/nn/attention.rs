@@ -46,12 +46,14 @@ fn block_probs(q_blk: &Tensor, kt: &Tensor, scale: f64, mask: Option<&Tensor>) -
     super::softmax::softmax_last_dim(&s)
 }
 
-/// Scores per task of [`cpu_forward`]: 64 K f32 = 256 KB, so a block of scores stays in a core's
-/// L2 cache from the product that writes it, through the softmax, to the product that reads it.
-const CPU_TASK_SCORES: usize = 1 << 16;
+/// Scores per task of [`cpu_forward`]: 1 M f32 = 4 MB (256 queries of SD's 4096 keys). Each task
+/// has `gemm` pack all the keys and all the values again, so few tall blocks beat many
+/// cache-sized ones: against 64 K scores (256 KB, L2-resident), the 512 px sampling step took
+/// 17-19 s instead of 19.8 s; 16 M scores was no better than 1 M (back to back, 2-core CPU).
+const CPU_TASK_SCORES: usize = 1 << 20;
 
 /// Attention without a graph on the CPU in f32, without a mask: one task per (batch x head,
-/// block of queries), each computing `S = s Q K^T` into its own cache-sized buffer, the softmax
+/// block of queries), each computing `S = s Q K^T` into its own buffer, the softmax
 /// in place and `O = P V`, with `gemm` called directly (no tensor per block). `None` where this
 /// path does not apply (other devices or dtypes, a CPU without AVX2/FMA). Inputs contiguous.
 fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {

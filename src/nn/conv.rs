@@ -1,6 +1,11 @@
 //! 2-D convolution with frozen weights: forward as one matrix product over an im2col buffer,
 //! backward to the input only (no weight gradient is ever formed).
 //!
+//! On the CPU in f32, the 3 x 3 padding-1 convolutions of maps 16 x 16 and larger (most of SD's
+//! convolution time), and their input gradients, go through Winograd's F(2 x 2, 3 x 3)
+//! ([`super::winograd`]) instead, which needs 2.25x fewer multiplies; everything below is the
+//! general path (other dtypes and devices, other kernels, small maps).
+//!
 //! im2col uses flat windows: with the input zero-padded to `Hp x Wp` and flattened per channel,
 //! the kernel tap `(kh, kw)` of a stride-1 convolution reads the contiguous run
 //! `[kh * Wp + kw, kh * Wp + kw + Ho * Wp)`, so every tap is one contiguous copy and the product
@@ -169,6 +174,11 @@ fn correlate(x: &Tensor, w2: &Tensor, k: usize, pad: usize, flip: bool) -> Resul
 fn conv_s1(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, pad: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (o, _, k, _) = weight.dims4()?;
+    if k == 3 && pad == 1 && super::winograd::pays_off(h, w) {
+        if let Some(y) = super::winograd::conv3x3(x, weight, bias, false)? {
+            return Ok(y);
+        }
+    }
     let y = if k == 1 && pad == 0 {
         let y = batched_left(&weight.reshape((o, c))?, &x.reshape((b, c, h * w))?)?;
         y.reshape((b, o, h, w))?
@@ -196,6 +206,11 @@ fn conv_s1_input_grad(g: &Tensor, weight: &Tensor, gm: Geom) -> Result<Tensor> {
         let wt = weight.reshape((o, c))?.t()?;
         let g = g.contiguous()?.reshape((b, o, h * w))?;
         return batched_left(&wt, &g)?.reshape((b, c, h, w));
+    }
+    if k == 3 && pad == 1 && super::winograd::pays_off(h, w) {
+        if let Some(dx) = super::winograd::conv3x3(g, weight, None, true)? {
+            return Ok(dx);
+        }
     }
     let (ho, wo) = (gm.ho(), gm.wo());
     let cols_len = c * k * k * ho * wo;
@@ -420,6 +435,43 @@ mod tests {
                 assert!(max_diff(&flat, &exact) < 1e-12, "budget {budget}");
             }
         }
+    }
+
+    /// An f32 3 x 3 convolution on a map of 16 x 16 or more takes the Winograd path, for the
+    /// value and the input gradient, and agrees with candle's f64 convolution.
+    #[test]
+    fn winograd_path_matches_candle_conv2d() {
+        let (b, c, o, h, w) = (2, 5, 6, 17, 16);
+        assert!(super::super::winograd::pays_off(h, w));
+        let x0 = randn(&[b, c, h, w], 1);
+        let wgt = randn(&[o, c, 3, 3], 2);
+        let bias = randn(&[o], 3);
+        let r = randn(&[b, o, h, w], 4);
+        let f32s = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+        let x = Var::from_tensor(&f32s(&x0)).unwrap();
+        let y = conv2d_frozen(x.as_tensor(), &f32s(&wgt), Some(&f32s(&bias)), 1, 1).unwrap();
+        let dx = (&y * f32s(&r))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(x.as_tensor())
+            .unwrap()
+            .clone();
+        let xr = Var::from_tensor(&x0).unwrap();
+        let yr = xr
+            .as_tensor()
+            .conv2d(&wgt, 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap())
+            .unwrap();
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let dxr = gr.get(xr.as_tensor()).unwrap();
+        let f64s = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        // Both are O(10); f32 rounding leaves ~1e-6 of that.
+        assert!(max_diff(&f64s(&y), &yr) < 1e-4, "forward");
+        assert!(max_diff(&f64s(&dx), dxr) < 1e-4, "gradient");
     }
 
     /// With no tracked input the layer records nothing.

@@ -19,6 +19,7 @@ mod attention;
 mod conv;
 mod gelu;
 mod softmax;
+mod winograd;
 
 pub use gelu::quick_gelu;
 
