@@ -78,10 +78,7 @@ fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<
     let (k_st, k_l) = k.storage_and_layout();
     let (v_st, v_l) = v.storage_and_layout();
     let slice = |st: &Storage, l: &candle_core::Layout| -> Result<*const f32> {
-        match (st, l.contiguous_offsets()) {
-            (Storage::Cpu(c), Some((a, _))) => Ok(c.as_slice::<f32>()?[a..].as_ptr()),
-            _ => candle_core::bail!("attention: inputs have to be contiguous CPU tensors"),
-        }
+        Ok(super::cpu_f32(st, l, "attention")?.as_ptr())
     };
     let (qs, ks, vs) = (
         super::Shared(slice(&q_st, q_l)?),
@@ -392,13 +389,7 @@ mod tests {
                     .to_dtype(DType::F64)
                     .unwrap();
                 let e = g2.get(rv[i].as_tensor()).unwrap();
-                let scale_e = e
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let scale_e = crate::nn::testing::max_abs(e);
                 let diff = max_diff(&a, e);
                 assert!(
                     diff < 1e-4 * scale_e.max(1.0),

@@ -39,6 +39,19 @@ impl<P: Copy> Copy for Shared<P> {}
 unsafe impl<P> Send for Shared<P> {}
 unsafe impl<P> Sync for Shared<P> {}
 
+/// The f32 elements of a contiguous CPU tensor's storage (from `storage_and_layout`), for the
+/// fused CPU kernels; `op` names the caller in the error.
+fn cpu_f32<'a>(
+    st: &'a candle_core::Storage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match (st, l.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(s), Some((a, z))) => Ok(&s.as_slice::<f32>()?[a..z]),
+        _ => candle_core::bail!("{op}: inputs have to be contiguous CPU tensors"),
+    }
+}
+
 /// Helpers shared by the crate's unit tests (gradient checks run in f64).
 #[cfg(test)]
 pub(crate) mod testing {
@@ -50,6 +63,18 @@ pub(crate) mod testing {
             .randn(shape, &Device::Cpu)
             .unwrap()
             .to_dtype(DType::F64)
+            .unwrap()
+    }
+
+    /// `max |t|` of a float tensor, as f64.
+    pub fn max_abs(t: &Tensor) -> f64 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
             .unwrap()
     }
 

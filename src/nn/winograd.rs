@@ -14,7 +14,7 @@
 //! each fit [`BLOCK_ELEMS`].
 
 use super::Shared;
-use candle_core::{DType, Device, Result, Storage, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// Elements of one block's transformed windows (and, separately, of its products and of the
 /// transformed kernel chunk): 4 M f32 = 16 MB.
@@ -60,7 +60,7 @@ pub(super) fn conv3x3(
     {
         let (ws, wl) = weight.storage_and_layout();
         let kernel = Kernel {
-            w: cpu_slice(&ws, wl)?,
+            w: super::cpu_f32(&ws, wl, "winograd")?,
             o,
             c,
             flip_transpose,
@@ -68,7 +68,7 @@ pub(super) fn conv3x3(
         let (xs, xl) = x.storage_and_layout();
         let bias_guard = bias.as_ref().map(|t| t.storage_and_layout());
         let bias = match &bias_guard {
-            Some((st, l)) => Some(cpu_slice(st, l)?),
+            Some((st, l)) => Some(super::cpu_f32(st, l, "winograd")?),
             None => None,
         };
         let shape = Shape {
@@ -79,7 +79,7 @@ pub(super) fn conv3x3(
             w,
         };
         run(
-            cpu_slice(&xs, xl)?,
+            super::cpu_f32(&xs, xl, "winograd")?,
             kernel,
             bias,
             &mut out,
@@ -88,13 +88,6 @@ pub(super) fn conv3x3(
         );
     }
     Ok(Some(Tensor::from_vec(out, (b, out_ch, h, w), x.device())?))
-}
-
-fn cpu_slice<'a>(st: &'a Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
-    match (st, l.contiguous_offsets()) {
-        (Storage::Cpu(s), Some((a, z))) => Ok(&s.as_slice::<f32>()?[a..z]),
-        _ => candle_core::bail!("winograd: inputs have to be contiguous CPU tensors"),
-    }
 }
 
 /// `U = G g G^T` for rows `rows` and columns `cols` of a `[_, c, 3, 3]` kernel (each `g` is one
@@ -460,14 +453,7 @@ mod tests {
     /// Worst error relative to the reference's largest magnitude.
     fn rel_err(ours: &Tensor, reference: &Tensor) -> f64 {
         let d = crate::nn::testing::max_diff(&ours.to_dtype(DType::F64).unwrap(), reference);
-        let m = reference
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        d / m
+        d / crate::nn::testing::max_abs(reference)
     }
 
     /// Against candle's own f64 convolution: odd and even sizes, one- and many-block runs
