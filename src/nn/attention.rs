@@ -4,9 +4,12 @@
 //! exist at a time (SD 1.5's 64 x 64 self-attention has 4096 x 4096 scores per head: 512 MB per
 //! batch element in f32). The backward pass recomputes each block's softmax from `q` and `k` and
 //! forms the input gradients from it (the recomputation trick of FlashAttention, Dao et al. 2022,
-//! at block granularity, with ordinary tensor ops):
+//! at block granularity):
 //! `dV = P^T dO`, `dP = dO V^T`, `dS = P * (dP - rowsum(dO * O))`, `dQ = s dS K`, `dK = s dS^T Q`.
-//! The graph keeps only `q`, `k`, `v` and the output.
+//! The graph keeps only `q`, `k`, `v` and the output. Without a mask, f32 on the CPU, both
+//! directions run as fused kernels ([`cpu`]); elsewhere, as tensor ops over query blocks.
+
+mod cpu;
 
 use super::attach::attach;
 use candle_core::{Result, Tensor, D};
@@ -46,116 +49,6 @@ fn block_probs(q_blk: &Tensor, kt: &Tensor, scale: f64, mask: Option<&Tensor>) -
     super::softmax::softmax_last_dim(&s)
 }
 
-/// Scores per task of [`cpu_forward`]: 1 M f32 = 4 MB (256 queries of SD's 4096 keys). Each task
-/// has `gemm` pack all the keys and all the values again, so few tall blocks beat many
-/// cache-sized ones: against 64 K scores (256 KB, L2-resident), the 512 px sampling step took
-/// 17-19 s instead of 19.8 s; 16 M scores was no better than 1 M (back to back, 2-core CPU).
-const CPU_TASK_SCORES: usize = 1 << 20;
-
-/// Attention without a graph on the CPU in f32, without a mask: one task per (batch x head,
-/// block of queries), each computing `S = s Q K^T` into its own buffer, the softmax
-/// in place and `O = P V`, with `gemm` called directly (no tensor per block). `None` where this
-/// path does not apply (other devices or dtypes, a CPU without AVX2/FMA). Inputs contiguous.
-fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    use candle_core::{DType, Device, Storage};
-    if !matches!(q.device(), Device::Cpu)
-        || q.dtype() != DType::F32
-        || !super::softmax::simd_available()
-    {
-        return Ok(None);
-    }
-    let (b, h, lq, d) = q.dims4()?;
-    let lk = k.dim(2)?;
-    if k.dims4()? != (b, h, lk, d) || v.dims4()? != (b, h, lk, d) {
-        candle_core::bail!(
-            "attention: q {:?}, k {:?}, v {:?} do not match",
-            q.shape(),
-            k.shape(),
-            v.shape()
-        );
-    }
-    let (q_st, q_l) = q.storage_and_layout();
-    let (k_st, k_l) = k.storage_and_layout();
-    let (v_st, v_l) = v.storage_and_layout();
-    let slice = |st: &Storage, l: &candle_core::Layout| -> Result<*const f32> {
-        Ok(super::cpu_f32(st, l, "attention")?.as_ptr())
-    };
-    let (qs, ks, vs) = (
-        super::Shared(slice(&q_st, q_l)?),
-        super::Shared(slice(&k_st, k_l)?),
-        super::Shared(slice(&v_st, v_l)?),
-    );
-    let bh = b * h;
-    let rows = (CPU_TASK_SCORES / lk.max(1)).clamp(1, lq.max(1));
-    let per_head = lq.div_ceil(rows);
-    let mut out = vec![0f32; bh * lq * d];
-    let dst = super::Shared(out.as_mut_ptr());
-    let scale = scale as f32;
-    candle_core::utils::barrier_pool().execute_chunked(bh * per_head, |tasks| {
-        #[allow(clippy::redundant_locals)]
-        let (dst, qs, ks, vs) = (dst, qs, ks, vs);
-        let mut scores = vec![0f32; rows * lk];
-        let mut tmp = vec![0f32; lk];
-        for task in tasks {
-            let (head, blk) = (task / per_head, task % per_head);
-            let r0 = blk * rows;
-            let r = rows.min(lq - r0);
-            let s = &mut scores[..r * lk];
-            // SAFETY: the storages are held (read guards above) for the whole call; every pointer
-            // spans the matrix its strides describe: `s` is r x lk row-major, the queries r x d
-            // row-major, the keys lk x d row-major read as K^T (d x lk), the values lk x d; the
-            // output rows [head * lq + r0, + r) belong to this task alone.
-            unsafe {
-                gemm::gemm(
-                    r,
-                    lk,
-                    d,
-                    s.as_mut_ptr(),
-                    1,
-                    lk as isize,
-                    false,
-                    qs.0.add((head * lq + r0) * d),
-                    1,
-                    d as isize,
-                    ks.0.add(head * lk * d),
-                    d as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-                super::softmax::softmax_rows_in_place(s, lk, &mut tmp);
-                gemm::gemm(
-                    r,
-                    d,
-                    lk,
-                    dst.0.add((head * lq + r0) * d),
-                    1,
-                    d as isize,
-                    false,
-                    s.as_ptr(),
-                    1,
-                    lk as isize,
-                    vs.0.add(head * lk * d),
-                    1,
-                    d as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        }
-    });
-    drop((q_st, k_st, v_st));
-    Ok(Some(Tensor::from_vec(out, (b, h, lq, d), q.device())?))
-}
-
 /// Attention without a graph, block by block over the queries. All inputs contiguous.
 fn forward_blocks(
     q: &Tensor,
@@ -166,7 +59,7 @@ fn forward_blocks(
     budget: usize,
 ) -> Result<Tensor> {
     if mask.is_none() {
-        if let Some(o) = cpu_forward(q, k, v, scale)? {
+        if let Some(o) = cpu::forward(q, k, v, scale)? {
             return Ok(o);
         }
     }
@@ -272,9 +165,15 @@ fn attention_with_budget(
         Box::new(move |args, o, g| {
             let need: Vec<bool> = args.iter().map(|a| a.track_op()).collect();
             let (q, k, v) = (args[0].detach(), args[1].detach(), args[2].detach());
-            let g = g.contiguous()?;
-            let (dq, dk, dv) =
-                backward_blocks(&q, &k, &v, &o.detach(), &g, mask.as_ref(), scale, budget)?;
+            let (g, o) = (g.contiguous()?, o.detach());
+            let fused = match mask {
+                None => cpu::backward(&q, &k, &v, &o, &g, scale)?,
+                Some(_) => None,
+            };
+            let (dq, dk, dv) = match fused {
+                Some(grads) => grads,
+                None => backward_blocks(&q, &k, &v, &o, &g, mask.as_ref(), scale, budget)?,
+            };
             Ok(vec![
                 need[0].then_some(dq),
                 need[1].then_some(dk),
@@ -336,22 +235,27 @@ mod tests {
         }
     }
 
-    /// The fused CPU forward (f32) against the composed attention in f64: self- and
-    /// cross-attention shapes, one task block and several with an uneven tail; and its gradients
-    /// (the blocked backward) against the composition's.
+    /// The fused CPU kernels (f32) against the composed attention in f64: self- and
+    /// cross-attention shapes, one task block and several with an uneven tail, one head whose
+    /// query blocks are split over groups (summed dK and dV); values, and gradients through the
+    /// differentiable entry point.
     #[test]
-    fn fused_cpu_forward_matches_composed_attention() {
+    fn fused_cpu_kernels_match_composed_attention() {
         if !crate::nn::softmax::simd_available() {
             return;
         }
-        for (b, h, lq, lk, d) in [(2, 3, 9, 77, 8), (1, 2, 300, 1000, 16)] {
+        for (b, h, lq, lk, d) in [
+            (2, 3, 9, 77, 8),
+            (1, 2, 300, 1000, 16),
+            (1, 1, 600, 2048, 8),
+        ] {
             let xs: Vec<Tensor> = [(lq, 11), (lk, 12), (lk, 13)]
                 .iter()
                 .map(|&(l, s)| randn(&[b, h, l, d], s))
                 .collect();
             let scale = 1.0 / (d as f64).sqrt();
             let f32s: Vec<Tensor> = xs.iter().map(|x| x.to_dtype(DType::F32).unwrap()).collect();
-            let fused = cpu_forward(&f32s[0], &f32s[1], &f32s[2], scale)
+            let fused = cpu::forward(&f32s[0], &f32s[1], &f32s[2], scale)
                 .unwrap()
                 .expect("the fused path applies to f32 CPU tensors");
             let reference = super::super::attention_composed(&xs[0], &xs[1], &xs[2], None).unwrap();
