@@ -18,7 +18,6 @@ mod attach;
 mod attention;
 mod conv;
 mod gelu;
-mod norm_act;
 mod softmax;
 mod winograd;
 
@@ -98,7 +97,7 @@ pub(crate) mod testing {
 
 pub use attach::{attach, Backward};
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// True when a weight needs a gradient (a `Var`, or computed from one).
@@ -276,97 +275,6 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, false)
-    }
-}
-
-impl GroupNorm {
-    /// `silu(group_norm(x))`, the ResNet blocks' pre-activation, in one kernel where it can.
-    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, true)
-    }
-
-    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        if !trainable(&self.weight, Some(&self.bias)) {
-            if let Some(y) = self.fused_cpu(x, silu)? {
-                return Ok(y);
-            }
-        }
-        let y = self.composed(x)?;
-        if silu {
-            y.silu()
-        } else {
-            Ok(y)
-        }
-    }
-
-    /// Frozen weights, f32 on the CPU: [`norm_act`]'s kernels. `None` elsewhere.
-    fn fused_cpu(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
-        let on_cpu_f32 = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
-        if !(on_cpu_f32(x) && on_cpu_f32(&self.weight) && on_cpu_f32(&self.bias)) || x.rank() < 2 {
-            return Ok(None);
-        }
-        let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
-        let d = norm_act::Dims {
-            b,
-            c,
-            hw: x.elem_count() / (b * c).max(1),
-            groups: self.groups,
-        };
-        let (x, w, bias) = (
-            x.contiguous()?,
-            self.weight.contiguous()?,
-            self.bias.contiguous()?,
-        );
-        let eps = self.eps;
-        let (y, stats) = {
-            let (xs, xl) = x.storage_and_layout();
-            let (ws, wl) = w.storage_and_layout();
-            let (bs, bl) = bias.storage_and_layout();
-            norm_act::forward(
-                cpu_f32(&xs, xl, "group norm")?,
-                cpu_f32(&ws, wl, "group norm")?,
-                cpu_f32(&bs, bl, "group norm")?,
-                d,
-                eps,
-                silu,
-            )
-        };
-        let y = Tensor::from_vec(y, dims.clone(), x.device())?;
-        let y = attach(
-            if silu {
-                "group-norm-silu-frozen"
-            } else {
-                "group-norm-frozen"
-            },
-            &[&x],
-            y,
-            Box::new(move |args, _, g| {
-                let (x, g) = (args[0].contiguous()?, g.contiguous()?);
-                let dx = {
-                    let (xs, xl) = x.storage_and_layout();
-                    let (gs, gl) = g.storage_and_layout();
-                    let (ws, wl) = w.storage_and_layout();
-                    let (bs, bl) = bias.storage_and_layout();
-                    norm_act::backward(
-                        cpu_f32(&xs, xl, "group norm")?,
-                        cpu_f32(&gs, gl, "group norm")?,
-                        cpu_f32(&ws, wl, "group norm")?,
-                        cpu_f32(&bs, bl, "group norm")?,
-                        &stats,
-                        d,
-                        silu,
-                    )
-                };
-                Ok(vec![Some(Tensor::from_vec(dx, dims.clone(), x.device())?)])
-            }),
-        )?;
-        Ok(Some(y))
-    }
-
-    /// The composition of tensor ops (any device and dtype; trainable weights).
-    fn composed(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let c = dims[1];
         let dtype = x.dtype();
@@ -657,61 +565,6 @@ mod tests {
                 .forward(x)
                 .unwrap()
         });
-    }
-
-    /// The fused f32 CPU group norm (with and without SiLU) against the composition in f64
-    /// with trainable weights: values and input gradients; 4-d and 3-d inputs.
-    #[test]
-    fn fused_group_norm_matches_composition() {
-        for (shape, groups) in [(vec![2, 6, 5, 7], 3), (vec![2, 4, 9], 2)] {
-            let c = shape[1];
-            let (x, w, b) = (
-                randn(&shape, 21),
-                (randn(&[c], 22) + 1.0).unwrap(),
-                randn(&[c], 23),
-            );
-            let r = randn(&shape, 24);
-            for silu in [false, true] {
-                let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-                let xv = Var::from_tensor(&f32s(&x)).unwrap();
-                let gn = GroupNorm {
-                    weight: f32s(&w),
-                    bias: f32s(&b),
-                    groups,
-                    eps: 1e-5,
-                };
-                let y = gn
-                    .fused_cpu(xv.as_tensor(), silu)
-                    .unwrap()
-                    .expect("the fused path applies to f32 CPU tensors");
-                let grads = (&y * &f32s(&r)).unwrap().sum_all().unwrap().backward();
-                let dx = grads.unwrap().get(xv.as_tensor()).unwrap().clone();
-                let xr = Var::from_tensor(&x).unwrap();
-                let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
-                let reference = GroupNorm {
-                    weight: wv.as_tensor().clone(),
-                    bias: bv.as_tensor().clone(),
-                    groups,
-                    eps: 1e-5,
-                };
-                let yr = if silu {
-                    reference.forward_silu(xr.as_tensor())
-                } else {
-                    reference.forward(xr.as_tensor())
-                }
-                .unwrap();
-                let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let dx_ref = gr.get(xr.as_tensor()).unwrap();
-                let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-                let dy = max_diff(&to64(&y), &yr);
-                let ddx = max_diff(&to64(&dx), dx_ref);
-                assert!(dy < 1e-5, "{shape:?} silu {silu}: forward {dy}");
-                assert!(
-                    ddx < 1e-4 * testing::max_abs(dx_ref).max(1.0),
-                    "{shape:?} silu {silu}: input gradient {ddx}"
-                );
-            }
-        }
     }
 
     #[test]
