@@ -38,9 +38,38 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Dims>> {
     Ok(Some((b, h, lq, lk, d)))
 }
 
-/// Query rows per task for `lk` keys.
-fn rows_per_task(lq: usize, lk: usize) -> usize {
-    (TASK_SCORES / lk.max(1)).clamp(1, lq.max(1))
+/// Query rows per task of at most `scores` scores, for `lk` keys.
+fn rows_per_task(scores: usize, lq: usize, lk: usize) -> usize {
+    (scores / lk.max(1)).clamp(1, lq.max(1))
+}
+
+/// `p = softmax(s Q_b K^T)` for `r` query rows `qb` (`r x d`) and the head's keys `kh`
+/// (`lk x d`): the forward's probabilities and the backward's recomputation of them.
+///
+/// # Safety
+/// `qb` and `kh` span their matrices; `p` holds `r * lk` values and `tmp` at least `lk`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_probs(
+    p: &mut [f32],
+    qb: *const f32,
+    kh: *const f32,
+    r: usize,
+    lk: usize,
+    d: usize,
+    scale: f32,
+    tmp: &mut [f32],
+) {
+    gemm(
+        r,
+        lk,
+        d,
+        Mat::rows(p.as_mut_ptr(), lk),
+        false,
+        Mat::rows(qb, d),
+        Mat::transposed(kh, d),
+        scale,
+    );
+    softmax::softmax_rows_in_place(p, lk, tmp);
 }
 
 /// A row-major matrix view for [`gemm`]: element `(i, j)` at `ptr + i * rs + j * cs`.
@@ -127,7 +156,7 @@ pub(super) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<
     let held: Vec<_> = [q, k, v].iter().map(|t| t.storage_and_layout()).collect();
     let p = pointers(&held)?;
     let (qs, ks, vs) = (p[0], p[1], p[2]);
-    let rows = rows_per_task(lq, lk);
+    let rows = rows_per_task(TASK_SCORES, lq, lk);
     let per_head = lq.div_ceil(rows);
     let mut out = vec![0f32; b * h * lq * d];
     let dst = Shared(out.as_mut_ptr());
@@ -151,17 +180,7 @@ pub(super) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<
                     ks.0.add(head * lk * d),
                     vs.0.add(head * lk * d),
                 );
-                gemm(
-                    r,
-                    lk,
-                    d,
-                    Mat::rows(s.as_mut_ptr(), lk),
-                    false,
-                    Mat::rows(qb, d),
-                    Mat::transposed(kh, d),
-                    scale,
-                );
-                softmax::softmax_rows_in_place(s, lk, &mut tmp);
+                block_probs(s, qb, kh, r, lk, d, scale, &mut tmp);
                 gemm(
                     r,
                     d,
@@ -218,7 +237,7 @@ pub(super) fn backward(
     let p = pointers(&held)?;
     let (qs, ks, vs, os, gs) = (p[0], p[1], p[2], p[3], p[4]);
     let bh = b * h;
-    let rows = (BACKWARD_TASK_SCORES / lk.max(1)).clamp(1, lq.max(1));
+    let rows = rows_per_task(BACKWARD_TASK_SCORES, lq, lk);
     let blocks = lq.div_ceil(rows);
     let threads = candle_core::utils::get_num_threads().max(1);
     let groups = (2 * threads).div_ceil(bh).clamp(1, blocks);
@@ -257,17 +276,7 @@ pub(super) fn backward(
                     let (qb, ob, gb) = (qs.0.add(at), os.0.add(at), gs.0.add(at));
                     let p = &mut probs[..r * lk];
                     let dp = &mut dprobs[..r * lk];
-                    gemm(
-                        r,
-                        lk,
-                        d,
-                        Mat::rows(p.as_mut_ptr(), lk),
-                        false,
-                        Mat::rows(qb, d),
-                        Mat::transposed(kh, d),
-                        scale,
-                    );
-                    softmax::softmax_rows_in_place(p, lk, &mut tmp);
+                    block_probs(p, qb, kh, r, lk, d, scale, &mut tmp);
                     gemm(
                         r,
                         lk,
