@@ -59,7 +59,7 @@ fn forward_blocks(
     budget: usize,
 ) -> Result<Tensor> {
     if mask.is_none() {
-        if let Some(o) = cpu::forward(q, k, v, scale)? {
+        if let Some(o) = cpu::forward(q, k, v, scale, None)? {
             return Ok(o);
         }
     }
@@ -139,6 +139,45 @@ pub fn attention_blocks(
     attention_with_budget(q, k, v, mask, BLOCK_ELEMS)
 }
 
+/// Attention of `q` `[B, Lq, H * d]` over `k`, `v` `[B, Lk, H * d]` in `heads` heads, without a
+/// mask, as `[B, Lq, H * d]`: the layout that linear layers give and take. On the CPU in f32
+/// the fused kernels read and write the heads in place, so neither the split of `q`, `k`, `v`
+/// nor the merge of the output is copied, nor kept by the graph; elsewhere it splits, runs
+/// [`attention_blocks`] and merges. Differentiable in `q`, `k` and `v`.
+pub fn attention_merged(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let d = q.dim(D::Minus1)? / heads.max(1);
+    let scale = 1.0 / (d as f64).sqrt();
+    let Some(o) = cpu::forward(&q.detach(), &k.detach(), &v.detach(), scale, Some(heads))? else {
+        let split = |t: &Tensor| super::split_heads(t, heads);
+        return super::merge_heads(&attention_blocks(
+            &split(&q)?,
+            &split(&k)?,
+            &split(&v)?,
+            None,
+        )?);
+    };
+    attach(
+        "attention-merged-heads",
+        &[&q, &k, &v],
+        o,
+        Box::new(move |args, o, g| {
+            let need: Vec<bool> = args.iter().map(|a| a.track_op()).collect();
+            let (q, k, v) = (args[0].detach(), args[1].detach(), args[2].detach());
+            let (g, o) = (g.contiguous()?, o.detach());
+            let (dq, dk, dv) =
+                cpu::backward(&q, &k, &v, &o, &g, scale, Some(heads))?.ok_or_else(|| {
+                    candle_core::Error::Msg("attention: fused backward unavailable".into())
+                })?;
+            Ok(vec![
+                need[0].then_some(dq),
+                need[1].then_some(dk),
+                need[2].then_some(dv),
+            ])
+        }),
+    )
+}
+
 /// [`attention_blocks`] with at most `budget` scores per block.
 fn attention_with_budget(
     q: &Tensor,
@@ -167,7 +206,7 @@ fn attention_with_budget(
             let (q, k, v) = (args[0].detach(), args[1].detach(), args[2].detach());
             let (g, o) = (g.contiguous()?, o.detach());
             let fused = match mask {
-                None => cpu::backward(&q, &k, &v, &o, &g, scale)?,
+                None => cpu::backward(&q, &k, &v, &o, &g, scale, None)?,
                 Some(_) => None,
             };
             let (dq, dk, dv) = match fused {
@@ -255,7 +294,7 @@ mod tests {
                 .collect();
             let scale = 1.0 / (d as f64).sqrt();
             let f32s: Vec<Tensor> = xs.iter().map(|x| x.to_dtype(DType::F32).unwrap()).collect();
-            let fused = cpu::forward(&f32s[0], &f32s[1], &f32s[2], scale)
+            let fused = cpu::forward(&f32s[0], &f32s[1], &f32s[2], scale, None)
                 .unwrap()
                 .expect("the fused path applies to f32 CPU tensors");
             let reference = super::super::attention_composed(&xs[0], &xs[1], &xs[2], None).unwrap();
@@ -298,6 +337,75 @@ mod tests {
                 assert!(
                     diff < 1e-4 * scale_e.max(1.0),
                     "gradient {i} {lq}x{lk}: {diff}"
+                );
+            }
+        }
+    }
+
+    /// The merged-heads entry point (`[B, L, H * d]` in and out, heads read in place) against
+    /// split, composed attention, merged, in f64: values and gradients; self- and cross-attention
+    /// shapes, one head's query blocks over several groups (dK and dV summed into the merged
+    /// layout), and a batch of two with several heads.
+    #[test]
+    fn merged_heads_match_split_composed_attention() {
+        if !crate::nn::softmax::simd_available() {
+            return;
+        }
+        for (b, h, lq, lk, d) in [(2, 3, 9, 77, 8), (1, 2, 600, 2048, 8), (2, 4, 300, 300, 16)] {
+            let xs: Vec<Tensor> = [(lq, 21), (lk, 22), (lk, 23)]
+                .iter()
+                .map(|&(l, s)| randn(&[b, l, h * d], s))
+                .collect();
+            let r = randn(&[b, lq, h * d], 24);
+            let vars: Vec<Var> = xs
+                .iter()
+                .map(|x| Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap())
+                .collect();
+            let ours = attention_merged(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+                h,
+            )
+            .unwrap();
+            assert_eq!(ours.dims(), &[b, lq, h * d]);
+            let g1 = (&ours * &r.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let rv: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+            let split = |t: &Tensor| crate::nn::split_heads(t, h).unwrap();
+            let expect = crate::nn::merge_heads(
+                &super::super::attention_composed(
+                    &split(rv[0].as_tensor()),
+                    &split(rv[1].as_tensor()),
+                    &split(rv[2].as_tensor()),
+                    None,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+            let diff = max_diff(&ours.to_dtype(DType::F64).unwrap(), &expect);
+            assert!(diff < 1e-5, "forward {b}x{h} {lq}x{lk}: {diff}");
+            let g2 = (&expect * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for i in 0..3 {
+                let a = g1
+                    .get(vars[i].as_tensor())
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap();
+                let e = g2.get(rv[i].as_tensor()).unwrap();
+                let diff = max_diff(&a, e);
+                assert!(
+                    diff < 1e-4 * crate::nn::testing::max_abs(e).max(1.0),
+                    "gradient {i} {b}x{h} {lq}x{lk}: {diff}"
                 );
             }
         }

@@ -1,4 +1,5 @@
-//! CLIP's quick GELU, `x * sigmoid(1.702 x)`, as one op with its own backward on the CPU.
+//! CLIP's quick GELU, `x * sigmoid(1.702 x)`, and SD's GEGLU, `a * gelu(gate)`, as ops with their
+//! own backward on the CPU.
 //!
 //! Composed from candle ops it costs three passes over its input forward (scale, sigmoid,
 //! product) and about ten backward (the product's two gradients, the sigmoid's, the scale's, the
@@ -8,6 +9,20 @@
 //! keep the composition.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+
+/// GEGLU of `h = [a, gate]` split in halves along its last dimension: `a * gelu(gate)` with the
+/// exact (erf) GELU, as diffusers' `GEGLU`. Composed from candle ops the forward keeps the GELU
+/// output as well as `h` and the product, and the erf GELU's backward takes about ten passes over
+/// its input; fused, the op keeps `h` alone and the backward is one pass that recomputes the GELU.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    let half = h.dim(candle_core::D::Minus1)? / 2;
+    if matches!(h.device(), Device::Cpu) && h.dtype() == DType::F32 {
+        h.contiguous()?.apply_op1(Geglu)
+    } else {
+        let a = h.narrow(candle_core::D::Minus1, 0, half)?;
+        a * h.narrow(candle_core::D::Minus1, half, half)?.gelu_erf()?
+    }
+}
 
 /// The sigmoid's slope in CLIP's approximation.
 const K: f32 = 1.702;
@@ -51,6 +66,117 @@ fn par_fill(n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
         }
     });
     dst
+}
+
+/// `gelu(x) = x Phi(x)` as candle computes it, and `gelu'(x) = Phi(x) + x phi(x)`.
+fn gelu_and_slope(x: f32) -> (f32, f32) {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+    // phi(x) = e^(-x^2 / 2) / sqrt(2 pi)
+    let pdf = 0.398_942_3 * (-0.5 * x * x).exp();
+    (x * cdf, cdf + x * pdf)
+}
+
+/// Over candle's CPU thread pool, for each row `r` of `rows` and each `j < half`, hands
+/// `f(r, j)` the row's two output slots `(out[r][j], out[r][j + half])` of an output with rows
+/// of `2 * half` (`pairs`) or `half` (`!pairs`, the second slot then unused).
+fn par_rows(
+    rows: usize,
+    half: usize,
+    pairs: bool,
+    f: impl Fn(usize, usize) -> (f32, f32) + Sync,
+) -> Vec<f32> {
+    let width = if pairs { 2 * half } else { half };
+    let mut dst = vec![0f32; rows * width];
+    let out = super::Shared(dst.as_mut_ptr());
+    let rows_per_chunk = ((1usize << 14) / half.max(1)).max(1);
+    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(rows_per_chunk), |range| {
+        #[allow(clippy::redundant_locals)]
+        let out = out;
+        for c in range {
+            for r in c * rows_per_chunk..((c + 1) * rows_per_chunk).min(rows) {
+                for j in 0..half {
+                    let (v0, v1) = f(r, j);
+                    // SAFETY: row r is written by this worker only; dst outlives the pool call.
+                    unsafe {
+                        *out.0.add(r * width + j) = v0;
+                        if pairs {
+                            *out.0.add(r * width + half + j) = v1;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    dst
+}
+
+struct Geglu;
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let h = slice(storage, layout, "input")?;
+        let mut dims = layout.dims().to_vec();
+        let Some(last) = dims.last_mut() else {
+            candle_core::bail!("geglu: a scalar input")
+        };
+        if *last % 2 != 0 {
+            candle_core::bail!("geglu: last dimension {} is odd", *last);
+        }
+        let half = *last / 2;
+        *last = half;
+        let rows = h.len() / (2 * half).max(1);
+        let y = par_rows(rows, half, false, |r, j| {
+            let (a, gate) = (h[r * 2 * half + j], h[r * 2 * half + half + j]);
+            (a * gelu_and_slope(gate).0, 0.0)
+        });
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    /// `d a = g gelu(gate)`, `d gate = g a gelu'(gate)`.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(&g, &GegluGrad)?))
+    }
+}
+
+/// The backward of [`Geglu`]: `(h, g) -> dh`.
+struct GegluGrad;
+
+impl CustomOp2 for GegluGrad {
+    fn name(&self) -> &'static str {
+        "geglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = slice(s1, l1, "input")?;
+        let g = slice(s2, l2, "gradient")?;
+        let half = l2.dims().last().copied().unwrap_or(0);
+        if 2 * g.len() != h.len() || l1.dims().last() != Some(&(2 * half)) {
+            candle_core::bail!(
+                "geglu backward: input {:?} and gradient {:?} do not match",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let rows = g.len() / half.max(1);
+        let dh = par_rows(rows, half, true, |r, j| {
+            let (a, gate) = (h[r * 2 * half + j], h[r * 2 * half + half + j]);
+            let gv = g[r * half + j];
+            let (gelu, slope) = gelu_and_slope(gate);
+            (gv * gelu, gv * a * slope)
+        });
+        Ok((CpuStorage::F32(dh), l1.shape().clone()))
+    }
 }
 
 struct QuickGelu;
@@ -109,6 +235,62 @@ impl CustomOp2 for QuickGeluGrad {
 mod tests {
     use super::*;
     use candle_core::Var;
+
+    /// The fused GEGLU against candle's composition (narrow, erf GELU, product) in f64: values
+    /// and gradients over several chunks of rows, from a non-contiguous input; and a point by
+    /// hand.
+    #[test]
+    fn geglu_matches_the_composition_in_values_and_gradients() {
+        let h64 = super::super::testing::randn(&[3, 700, 96], 7)
+            .affine(2.5, 0.0)
+            .unwrap();
+        let w64 = super::super::testing::randn(&[3, 700, 48], 8);
+        let composed = |h: &Tensor| {
+            let a = h.narrow(2, 0, 48).unwrap();
+            (a * h.narrow(2, 48, 48).unwrap().gelu_erf().unwrap()).unwrap()
+        };
+        let v64 = Var::from_tensor(&h64).unwrap();
+        let y_ref = composed(v64.as_tensor());
+        let g_ref = (&y_ref * &w64)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ref = g_ref.get(v64.as_tensor()).unwrap();
+        // The input arrives transposed in memory, as a strided view.
+        let h32 = h64.to_dtype(DType::F32).unwrap();
+        let v = Var::from_tensor(&h32.transpose(1, 2).unwrap().contiguous().unwrap()).unwrap();
+        let y = geglu(&v.as_tensor().transpose(1, 2).unwrap()).unwrap();
+        assert_eq!(y.dims(), &[3, 700, 48]);
+        let loss = (&y * &w64.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads.get(v.as_tensor()).unwrap().transpose(1, 2).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            super::super::testing::max_diff(&a.to_dtype(DType::F64).unwrap(), b)
+        };
+        assert!(diff(&y, &y_ref) < 1e-5, "values {}", diff(&y, &y_ref));
+        assert!(diff(&g, g_ref) < 1e-5, "gradients {}", diff(&g, g_ref));
+        // By hand: a = 2, gate = 1: gelu(1) = Phi(1) = 0.841345, y = 1.682690;
+        // d a = gelu(1) = 0.841345, d gate = a (Phi(1) + phi(1)) = 2 (0.841345 + 0.241971).
+        let hv = Var::new(&[[2f32, 1.0]], &Device::Cpu).unwrap();
+        let y1 = geglu(hv.as_tensor()).unwrap();
+        let g1 = y1.sum_all().unwrap().backward().unwrap();
+        let y1 = y1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let d1 = g1
+            .get(hv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!((y1[0] - 1.68269).abs() < 1e-5, "{y1:?}");
+        assert!((d1[0] - 0.841345).abs() < 1e-5, "{d1:?}");
+        assert!((d1[1] - 2.166632).abs() < 1e-5, "{d1:?}");
+    }
 
     /// The fused op against the composition in f64: values and input gradients, on a tensor big
     /// enough to span several chunks and with a non-contiguous input.

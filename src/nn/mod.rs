@@ -21,7 +21,8 @@ mod gelu;
 mod softmax;
 mod winograd;
 
-pub use gelu::quick_gelu;
+pub use attention::attention_merged;
+pub use gelu::{geglu, quick_gelu};
 
 /// A raw pointer handed to the workers of candle's CPU thread pool
 /// (`barrier_pool().execute_chunked`), which need `Send + Sync` captures. Whoever makes one

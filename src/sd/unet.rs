@@ -9,7 +9,7 @@
 //! GEGLU). Shapes come from `unet/config.json`, so the tiny fixture and SD 1.5 load alike.
 
 use crate::nn::{self, Conv2d, GroupNorm, LayerNorm, Linear};
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -277,11 +277,11 @@ impl Attn {
     }
 
     fn forward(&self, x: &Tensor, k_ctx: &Tensor, v_ctx: &Tensor) -> Result<Tensor> {
-        let q = nn::split_heads(&self.to_q.forward(x)?, self.heads)?;
-        let k = nn::split_heads(&self.to_k.forward(k_ctx)?, self.heads)?;
-        let v = nn::split_heads(&self.to_v.forward(v_ctx)?, self.heads)?;
-        let o = nn::attention(&q, &k, &v, None)?;
-        self.to_out.forward(&nn::merge_heads(&o)?)
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(k_ctx)?;
+        let v = self.to_v.forward(v_ctx)?;
+        self.to_out
+            .forward(&nn::attention_merged(&q, &k, &v, self.heads)?)
     }
 }
 
@@ -319,10 +319,7 @@ impl TransformerBlock {
         let x = (self.attn2.forward(&n, k_ctx, v_ctx)? + x)?;
         // 3. GEGLU feed-forward: hidden * gelu(gate)
         let h = self.ff_proj.forward(&self.norm3.forward(&x)?)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let a = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?;
-        self.ff_out.forward(&(a * gate.gelu_erf()?)?)? + x
+        self.ff_out.forward(&nn::geglu(&h)?)? + x
     }
 }
 

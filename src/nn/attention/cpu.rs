@@ -5,6 +5,10 @@
 //! Forward: `S = s Q K^T`, the softmax in place, `O = P V`.
 //! Backward, per block, from the recomputed `P`: `dP = dO V^T`, `dS = P * (dP - rowsum(dO * O))`
 //! in place, `dQ = s dS K`, and the sums over blocks `dV += P^T dO`, `dK += s dS^T Q`.
+//!
+//! The tensors are either split by head, `[B, H, L, d]`, or merged as linear layers give and
+//! take them, `[B, L, H * d]` ([`Heads::merged`]): a head is then a strided matrix, which `gemm`
+//! reads and writes in place, so the merged form needs no copies to split and merge the heads.
 
 use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
 
@@ -19,23 +23,83 @@ const TASK_SCORES: usize = 1 << 20;
 /// Batch, heads, query length, key length, head width.
 type Dims = (usize, usize, usize, usize, usize);
 
-/// `(b, h, lq, lk, d)` when the fused kernels apply to these `[B, H, L, d]` inputs: f32 on the
-/// CPU, with AVX2 and FMA for the softmax.
-fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Dims>> {
+/// Where each (batch x head)'s `len x d` matrix lies in a tensor's memory.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Heads {
+    h: usize,
+    d: usize,
+    /// `[B, L, H * d]` (true) or `[B, H, L, d]`.
+    merged: bool,
+}
+
+impl Heads {
+    /// Offset of (batch x head) `bh`'s first row, in a tensor of `len` rows per head.
+    fn at(&self, bh: usize, len: usize) -> usize {
+        if self.merged {
+            (bh / self.h) * len * self.h * self.d + (bh % self.h) * self.d
+        } else {
+            bh * len * self.d
+        }
+    }
+
+    /// Distance between consecutive rows of one head.
+    fn stride(&self) -> usize {
+        if self.merged {
+            self.h * self.d
+        } else {
+            self.d
+        }
+    }
+}
+
+/// `((b, h, lq, lk, d), layout)` when the fused kernels apply to these inputs: f32 on the CPU,
+/// with AVX2 and FMA for the softmax. `heads` is `None` for `[B, H, L, d]` inputs and the head
+/// count for merged `[B, L, H * d]` ones.
+fn dims(q: &Tensor, k: &Tensor, v: &Tensor, heads: Option<usize>) -> Result<Option<(Dims, Heads)>> {
     if !matches!(q.device(), Device::Cpu) || q.dtype() != DType::F32 || !softmax::simd_available() {
         return Ok(None);
     }
-    let (b, h, lq, d) = q.dims4()?;
-    let lk = k.dim(2)?;
-    if k.dims4()? != (b, h, lk, d) || v.dims4()? != (b, h, lk, d) {
+    let mismatch = || {
         candle_core::bail!(
-            "attention: q {:?}, k {:?}, v {:?} do not match",
+            "attention: q {:?}, k {:?}, v {:?} do not match ({heads:?} merged heads)",
             q.shape(),
             k.shape(),
             v.shape()
-        );
+        )
+    };
+    let dims = match heads {
+        None => {
+            let (b, h, lq, d) = q.dims4()?;
+            let lk = k.dim(2)?;
+            if k.dims4()? != (b, h, lk, d) || v.dims4()? != (b, h, lk, d) {
+                return mismatch();
+            }
+            (b, h, lq, lk, d)
+        }
+        Some(h) => {
+            let (b, lq, hd) = q.dims3()?;
+            let lk = k.dim(1)?;
+            if h == 0 || hd % h != 0 || k.dims3()? != (b, lk, hd) || v.dims3()? != (b, lk, hd) {
+                return mismatch();
+            }
+            (b, h, lq, lk, hd / h)
+        }
+    };
+    let layout = Heads {
+        h: dims.1,
+        d: dims.4,
+        merged: heads.is_some(),
+    };
+    Ok(Some((dims, layout)))
+}
+
+/// The shape of a tensor of `len` rows per head in `layout`.
+fn shape(layout: Heads, b: usize, len: usize) -> Vec<usize> {
+    if layout.merged {
+        vec![b, len, layout.h * layout.d]
+    } else {
+        vec![b, layout.h, len, layout.d]
     }
-    Ok(Some((b, h, lq, lk, d)))
 }
 
 /// Query rows per task of at most `scores` scores, for `lk` keys.
@@ -44,7 +108,8 @@ fn rows_per_task(scores: usize, lq: usize, lk: usize) -> usize {
 }
 
 /// `p = softmax(s Q_b K^T)` for `r` query rows `qb` (`r x d`) and the head's keys `kh`
-/// (`lk x d`): the forward's probabilities and the backward's recomputation of them.
+/// (`lk x d`), both with rows `st` apart: the forward's probabilities and the backward's
+/// recomputation of them.
 ///
 /// # Safety
 /// `qb` and `kh` span their matrices; `p` holds `r * lk` values and `tmp` at least `lk`.
@@ -53,6 +118,7 @@ unsafe fn block_probs(
     p: &mut [f32],
     qb: *const f32,
     kh: *const f32,
+    st: usize,
     r: usize,
     lk: usize,
     d: usize,
@@ -65,8 +131,8 @@ unsafe fn block_probs(
         d,
         Mat::rows(p.as_mut_ptr(), lk),
         false,
-        Mat::rows(qb, d),
-        Mat::transposed(kh, d),
+        Mat::rows(qb, st),
+        Mat::transposed(kh, st),
         scale,
     );
     softmax::softmax_rows_in_place(p, lk, tmp);
@@ -81,21 +147,21 @@ struct Mat {
 }
 
 impl Mat {
-    /// Row-major with `cols` columns.
-    fn rows(ptr: *const f32, cols: usize) -> Self {
+    /// Row-major with rows `stride` apart (the column count, when packed).
+    fn rows(ptr: *const f32, stride: usize) -> Self {
         Self {
             ptr,
-            rs: cols,
+            rs: stride,
             cs: 1,
         }
     }
 
-    /// The transpose of a row-major matrix with `cols` columns.
-    fn transposed(ptr: *const f32, cols: usize) -> Self {
+    /// The transpose of a row-major matrix with rows `stride` apart.
+    fn transposed(ptr: *const f32, stride: usize) -> Self {
         Self {
             ptr,
             rs: 1,
-            cs: cols,
+            cs: stride,
         }
     }
 }
@@ -148,9 +214,16 @@ fn pointers(
         .collect()
 }
 
-/// Attention forward without a graph. `None` where these kernels do not apply. Inputs contiguous.
-pub(super) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    let Some((b, h, lq, lk, d)) = dims(q, k, v)? else {
+/// Attention forward without a graph, in the layout of the inputs (`heads`: see [`dims`]).
+/// `None` where these kernels do not apply. Inputs contiguous.
+pub(super) fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    heads: Option<usize>,
+) -> Result<Option<Tensor>> {
+    let Some(((b, h, lq, lk, d), lay)) = dims(q, k, v, heads)? else {
         return Ok(None);
     };
     let held: Vec<_> = [q, k, v].iter().map(|t| t.storage_and_layout()).collect();
@@ -158,6 +231,7 @@ pub(super) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<
     let (qs, ks, vs) = (p[0], p[1], p[2]);
     let rows = rows_per_task(TASK_SCORES, lq, lk);
     let per_head = lq.div_ceil(rows);
+    let st = lay.stride();
     let mut out = vec![0f32; b * h * lq * d];
     let dst = Shared(out.as_mut_ptr());
     let scale = scale as f32;
@@ -171,31 +245,33 @@ pub(super) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<
             let r0 = blk * rows;
             let r = rows.min(lq - r0);
             let s = &mut scores[..r * lk];
+            let at = lay.at(head, lq) + r0 * st;
             // SAFETY: the storages are held (`held`) for the whole call and each view spans its
-            // matrix: the queries r x d, the keys lk x d read as K^T, the values lk x d, `s`
-            // r x lk; the output rows [head * lq + r0, + r) belong to this task alone.
+            // matrix: the queries r x d, the keys lk x d read as K^T, the values lk x d (rows
+            // `st` apart), `s` r x lk; the output rows r0..r0 + r of this head belong to this
+            // task alone.
             unsafe {
                 let (qb, kh, vh) = (
-                    qs.0.add((head * lq + r0) * d),
-                    ks.0.add(head * lk * d),
-                    vs.0.add(head * lk * d),
+                    qs.0.add(at),
+                    ks.0.add(lay.at(head, lk)),
+                    vs.0.add(lay.at(head, lk)),
                 );
-                block_probs(s, qb, kh, r, lk, d, scale, &mut tmp);
+                block_probs(s, qb, kh, st, r, lk, d, scale, &mut tmp);
                 gemm(
                     r,
                     d,
                     lk,
-                    Mat::rows(dst.0.add((head * lq + r0) * d), d),
+                    Mat::rows(dst.0.add(at), st),
                     false,
                     Mat::rows(s.as_ptr(), lk),
-                    Mat::rows(vh, d),
+                    Mat::rows(vh, st),
                     1.0,
                 );
             }
         }
     });
     drop(held);
-    Ok(Some(Tensor::from_vec(out, (b, h, lq, d), q.device())?))
+    Ok(Some(Tensor::from_vec(out, shape(lay, b, lq), q.device())?))
 }
 
 /// Scores per task of [`backward`]: 256 K f32 = 1 MB (64 queries of 4096 keys). The products
@@ -206,7 +282,8 @@ pub(super) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<
 const BACKWARD_TASK_SCORES: usize = 1 << 18;
 
 /// `(dq, dk, dv)` of attention without a mask, given the output `o` and its gradient `g` (all
-/// `[B, H, L, d]`, contiguous). `None` where these kernels do not apply.
+/// contiguous, in the layout that `heads` gives: see [`dims`]). `None` where these kernels do
+/// not apply.
 ///
 /// Tasks are (batch x head, group of query blocks). Each group sums its own `dK` and `dV`;
 /// with more than one group per head (fewer heads than twice the threads) the groups' sums are
@@ -218,11 +295,12 @@ pub(super) fn backward(
     o: &Tensor,
     g: &Tensor,
     scale: f64,
+    heads: Option<usize>,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    let Some((b, h, lq, lk, d)) = dims(q, k, v)? else {
+    let Some(((b, h, lq, lk, d), lay)) = dims(q, k, v, heads)? else {
         return Ok(None);
     };
-    if o.dims4()? != (b, h, lq, d) || g.dims4()? != (b, h, lq, d) {
+    if o.dims() != q.dims() || g.dims() != q.dims() {
         candle_core::bail!(
             "attention backward: output {:?} or its gradient {:?} is not {:?}",
             o.shape(),
@@ -242,10 +320,22 @@ pub(super) fn backward(
     let threads = candle_core::utils::get_num_threads().max(1);
     let groups = (2 * threads).div_ceil(bh).clamp(1, blocks);
     let per_group = blocks.div_ceil(groups);
+    let st = lay.stride();
     let mut dq = vec![0f32; bh * lq * d];
-    // dK and dV of every (head, group); with one group, the results themselves.
+    // dK and dV of every (head, group) as `[bh * groups, lk, d]`; with one group, the results
+    // themselves, in the inputs' layout.
     let mut dk = vec![0f32; bh * groups * lk * d];
     let mut dv = vec![0f32; bh * groups * lk * d];
+    let (part_at, part_st) = if groups == 1 {
+        (lay, st)
+    } else {
+        let split = Heads {
+            h: 1,
+            d,
+            merged: false,
+        };
+        (split, d)
+    };
     let (dq_p, dk_p, dv_p) = (
         Shared(dq.as_mut_ptr()),
         Shared(dk.as_mut_ptr()),
@@ -264,41 +354,39 @@ pub(super) fn backward(
             let last = (first + per_group).min(blocks);
             // SAFETY: the storages are held (`held`) for the whole call and each view spans its
             // matrix (queries, outputs and their gradients r x d at row r0 of this head, keys and
-            // values lk x d, the score buffers r x lk). This task alone writes dq's rows
-            // [head * lq + r0, + r) and its own (head, group) slot of dk and dv.
+            // values lk x d, all with rows `st` apart; the score buffers r x lk). This task alone
+            // writes dq's rows r0..r0 + r of this head and its own (head, group) slot of dk and
+            // dv (with one group, the head itself).
             unsafe {
-                let (kh, vh) = (ks.0.add(head * lk * d), vs.0.add(head * lk * d));
-                let (dk_t, dv_t) = (dk_p.0.add(task * lk * d), dv_p.0.add(task * lk * d));
+                let (kh, vh) = (ks.0.add(lay.at(head, lk)), vs.0.add(lay.at(head, lk)));
+                let slot = part_at.at(task, lk);
+                let (dk_t, dv_t) = (dk_p.0.add(slot), dv_p.0.add(slot));
                 for blk in first..last {
                     let r0 = blk * rows;
                     let r = rows.min(lq - r0);
-                    let at = (head * lq + r0) * d;
+                    let at = lay.at(head, lq) + r0 * st;
                     let (qb, ob, gb) = (qs.0.add(at), os.0.add(at), gs.0.add(at));
                     let p = &mut probs[..r * lk];
                     let dp = &mut dprobs[..r * lk];
-                    block_probs(p, qb, kh, r, lk, d, scale, &mut tmp);
+                    block_probs(p, qb, kh, st, r, lk, d, scale, &mut tmp);
                     gemm(
                         r,
                         lk,
                         d,
                         Mat::rows(dp.as_mut_ptr(), lk),
                         false,
-                        Mat::rows(gb, d),
-                        Mat::transposed(vh, d),
+                        Mat::rows(gb, st),
+                        Mat::transposed(vh, st),
                         1.0,
-                    );
-                    let (o_rows, g_rows) = (
-                        std::slice::from_raw_parts(ob, r * d),
-                        std::slice::from_raw_parts(gb, r * d),
                     );
                     for (i, (p_row, dp_row)) in
                         p.chunks_exact(lk).zip(dp.chunks_exact_mut(lk)).enumerate()
                     {
-                        let dot: f32 = o_rows[i * d..(i + 1) * d]
-                            .iter()
-                            .zip(&g_rows[i * d..(i + 1) * d])
-                            .map(|(a, b)| a * b)
-                            .sum();
+                        let (o_row, g_row) = (
+                            std::slice::from_raw_parts(ob.add(i * st), d),
+                            std::slice::from_raw_parts(gb.add(i * st), d),
+                        );
+                        let dot: f32 = o_row.iter().zip(g_row).map(|(a, b)| a * b).sum();
                         softmax_grad_row(p_row, dp_row, dot);
                     }
                     let first_block = blk == first;
@@ -308,9 +396,9 @@ pub(super) fn backward(
                         d,
                         lk,
                         r,
-                        Mat::transposed(dv_t, d),
+                        Mat::transposed(dv_t, part_st),
                         !first_block,
-                        Mat::transposed(gb, d),
+                        Mat::transposed(gb, st),
                         Mat::rows(p.as_ptr(), lk),
                         1.0,
                     );
@@ -318,19 +406,19 @@ pub(super) fn backward(
                         r,
                         d,
                         lk,
-                        Mat::rows(dq_p.0.add(at), d),
+                        Mat::rows(dq_p.0.add(at), st),
                         false,
                         Mat::rows(dp.as_ptr(), lk),
-                        Mat::rows(kh, d),
+                        Mat::rows(kh, st),
                         scale,
                     );
                     gemm(
                         d,
                         lk,
                         r,
-                        Mat::transposed(dk_t, d),
+                        Mat::transposed(dk_t, part_st),
                         !first_block,
-                        Mat::transposed(qb, d),
+                        Mat::transposed(qb, st),
                         Mat::rows(dp.as_ptr(), lk),
                         scale,
                     );
@@ -343,15 +431,15 @@ pub(super) fn backward(
         (dk, dv)
     } else {
         (
-            sum_groups(&dk, groups, lk * d),
-            sum_groups(&dv, groups, lk * d),
+            sum_groups(&dk, groups, lk, lay),
+            sum_groups(&dv, groups, lk, lay),
         )
     };
     let dev = q.device();
     Ok(Some((
-        Tensor::from_vec(dq, (b, h, lq, d), dev)?,
-        Tensor::from_vec(dk, (b, h, lk, d), dev)?,
-        Tensor::from_vec(dv, (b, h, lk, d), dev)?,
+        Tensor::from_vec(dq, shape(lay, b, lq), dev)?,
+        Tensor::from_vec(dk, shape(lay, b, lk), dev)?,
+        Tensor::from_vec(dv, shape(lay, b, lk), dev)?,
     )))
 }
 
@@ -362,16 +450,18 @@ fn softmax_grad_row(p: &[f32], dp: &mut [f32], dot: f32) {
     }
 }
 
-/// Per head, the sum of `groups` consecutive slots of `len` values.
-fn sum_groups(parts: &[f32], groups: usize, len: usize) -> Vec<f32> {
-    parts
-        .chunks_exact(groups * len)
-        .flat_map(|head| {
-            let mut acc = head[..len].to_vec();
-            for part in head[len..].chunks_exact(len) {
-                acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+/// Per head, the sum of its `groups` consecutive `len x d` slots, placed in `layout`.
+fn sum_groups(parts: &[f32], groups: usize, len: usize, layout: Heads) -> Vec<f32> {
+    let (d, st) = (layout.d, layout.stride());
+    let mut out = vec![0f32; parts.len() / groups];
+    for (bh, head) in parts.chunks_exact(groups * len * d).enumerate() {
+        let base = layout.at(bh, len);
+        for part in head.chunks_exact(len * d) {
+            for (j, row) in part.chunks_exact(d).enumerate() {
+                let dst = &mut out[base + j * st..base + j * st + d];
+                dst.iter_mut().zip(row).for_each(|(a, b)| *a += b);
             }
-            acc
-        })
-        .collect()
+        }
+    }
+    out
 }
