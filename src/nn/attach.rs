@@ -10,6 +10,8 @@
 //!
 //! The copy is one pass over the output, cheap beside the matmul or convolution it follows, and
 //! it is skipped entirely when no input is tracked (inference): then the plain value is returned.
+//! The CPU kernels that fill an f32 buffer themselves hand that buffer over instead
+//! ([`Value::Cpu`]): it becomes the op's output as it is, with no copy and no fresh pages.
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{
@@ -23,15 +25,39 @@ use std::sync::Mutex;
 pub type Backward =
     Box<dyn Fn(&[&Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
 
+/// A value computed outside the graph, to be attached.
+pub enum Value {
+    /// Any tensor: the op's output is a copy of it.
+    Tensor(Tensor),
+    /// f32 data on the CPU in row-major order: the op's output takes the buffer over.
+    Cpu(Vec<f32>, Shape),
+}
+
+impl From<Tensor> for Value {
+    fn from(t: Tensor) -> Self {
+        Self::Tensor(t)
+    }
+}
+
+impl Value {
+    /// The value as a plain tensor (without a copy).
+    pub fn into_tensor(self) -> Result<Tensor> {
+        match self {
+            Self::Tensor(t) => Ok(t),
+            Self::Cpu(data, shape) => Tensor::from_vec(data, shape, &candle_core::Device::Cpu),
+        }
+    }
+}
+
 /// A custom op whose forward yields a value computed beforehand and whose backward is `bwd`.
 struct Attached {
     name: &'static str,
-    value: Mutex<Option<Tensor>>,
+    value: Mutex<Option<Value>>,
     bwd: Backward,
 }
 
 impl Attached {
-    fn take(&self) -> Result<Tensor> {
+    fn take(&self) -> Result<Value> {
         self.value
             .lock()
             .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned lock", self.name)))?
@@ -45,7 +71,22 @@ impl Attached {
         S::Device: BackendDevice<Storage = S>,
         F: Fn(&Storage) -> Option<&S>,
     {
-        let v = self.take()?;
+        match self.take()? {
+            Value::Tensor(t) => self.copy_value(&t, pick),
+            Value::Cpu(..) => candle_core::bail!(
+                "{}: a CPU value attached to inputs on another device",
+                self.name
+            ),
+        }
+    }
+
+    /// A copy of `v`'s storage on the device that `pick` selects.
+    fn copy_value<S, F>(&self, v: &Tensor, pick: F) -> Result<(S, Shape)>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+        F: Fn(&Storage) -> Option<&S>,
+    {
         let (storage, layout) = v.storage_and_layout();
         let s = pick(&storage).ok_or_else(|| {
             candle_core::Error::Msg(format!(
@@ -54,6 +95,19 @@ impl Attached {
             ))
         })?;
         Ok((copy_out(s, layout)?, layout.shape().clone()))
+    }
+
+    /// The CPU output: a [`Value::Cpu`] buffer as it is, a tensor copied.
+    fn cpu_value(&self) -> Result<(CpuStorage, Shape)> {
+        match self.take()? {
+            Value::Cpu(data, shape) => {
+                if data.len() != shape.elem_count() {
+                    candle_core::bail!("{}: {} values for shape {shape:?}", self.name, data.len());
+                }
+                Ok((CpuStorage::F32(data), shape))
+            }
+            Value::Tensor(t) => self.copy_value(&t, cpu),
+        }
     }
 
     fn grads(&self, args: &[&Tensor], res: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
@@ -120,7 +174,7 @@ impl CustomOp1 for Attached {
         self.name
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.fwd(cpu)
+        self.cpu_value()
     }
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
         self.fwd(cuda)
@@ -144,7 +198,7 @@ impl CustomOp2 for Attached {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.fwd(cpu)
+        self.cpu_value()
     }
     fn cuda_fwd(
         &self,
@@ -189,7 +243,7 @@ impl CustomOp3 for Attached {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.fwd(cpu)
+        self.cpu_value()
     }
     fn cuda_fwd(
         &self,
@@ -232,11 +286,12 @@ impl CustomOp3 for Attached {
 pub fn attach(
     name: &'static str,
     inputs: &[&Tensor],
-    value: Tensor,
+    value: impl Into<Value>,
     bwd: Backward,
 ) -> Result<Tensor> {
+    let value = value.into();
     if !inputs.iter().any(|t| t.track_op()) {
-        return Ok(value);
+        return value.into_tensor();
     }
     let op = Attached {
         name,

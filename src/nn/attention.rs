@@ -11,7 +11,7 @@
 
 mod cpu;
 
-use super::attach::attach;
+use super::attach::{attach, Value};
 use candle_core::{Result, Tensor, D};
 
 /// Elements of one block's score matrix (`B * H * q_block * k_len`): 4 M f32 = 16 MB, small
@@ -57,7 +57,7 @@ fn forward_blocks(
     mask: Option<&Tensor>,
     scale: f64,
     budget: usize,
-) -> Result<Tensor> {
+) -> Result<Value> {
     if mask.is_none() {
         if let Some(o) = cpu::forward(q, k, v, scale, None)? {
             return Ok(o);
@@ -76,7 +76,7 @@ fn forward_blocks(
         outs.push(p.matmul(v)?);
         start += len;
     }
-    Tensor::cat(&outs, 2)
+    Ok(Tensor::cat(&outs, 2)?.into())
 }
 
 /// Input gradients `(dq, dk, dv)` given the output `o` and its gradient `g`.
@@ -296,7 +296,9 @@ mod tests {
             let f32s: Vec<Tensor> = xs.iter().map(|x| x.to_dtype(DType::F32).unwrap()).collect();
             let fused = cpu::forward(&f32s[0], &f32s[1], &f32s[2], scale, None)
                 .unwrap()
-                .expect("the fused path applies to f32 CPU tensors");
+                .expect("the fused path applies to f32 CPU tensors")
+                .into_tensor()
+                .unwrap();
             let reference = super::super::attention_composed(&xs[0], &xs[1], &xs[2], None).unwrap();
             let diff = max_diff(&fused.to_dtype(DType::F64).unwrap(), &reference);
             assert!(diff < 1e-5, "forward {lq}x{lk}: {diff}");

@@ -19,7 +19,7 @@
 //! input gradient, computed with the larger output padding and cropped, which also sidesteps
 //! candle's stride-2 backward bug for heights and widths of different parity (SPEC.md §1).
 
-use super::attach::attach;
+use super::attach::{attach, Value};
 use candle_core::{Result, Tensor};
 
 /// Geometry of one convolution call.
@@ -171,7 +171,7 @@ fn correlate(x: &Tensor, w2: &Tensor, k: usize, pad: usize, flip: bool) -> Resul
 
 /// Stride-1 `k x k` convolution of `x` (no graph) with `weight` `[O, C, k, k]` and an optional
 /// bias, as im2col + one matrix product.
-fn conv_s1(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, pad: usize) -> Result<Tensor> {
+fn conv_s1(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, pad: usize) -> Result<Value> {
     let (b, c, h, w) = x.dims4()?;
     let (o, _, k, _) = weight.dims4()?;
     if k == 3 && pad == 1 && super::winograd::pays_off(h, w) {
@@ -185,10 +185,11 @@ fn conv_s1(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, pad: usize) -> Re
     } else {
         correlate(x, &weight.reshape((o, c * k * k))?, k, pad, false)?
     };
-    match bias {
-        Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
-        None => y.contiguous(),
+    Ok(match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?)?,
+        None => y.contiguous()?,
     }
+    .into())
 }
 
 /// Input gradient of a stride-1 convolution: `g` `[B, O, Ho, Wo]` -> `[B, C, H, W]`.
@@ -209,7 +210,7 @@ fn conv_s1_input_grad(g: &Tensor, weight: &Tensor, gm: Geom) -> Result<Tensor> {
     }
     if k == 3 && pad == 1 && super::winograd::pays_off(h, w) {
         if let Some(dx) = super::winograd::conv3x3(g, weight, None, true)? {
-            return Ok(dx);
+            return dx.into_tensor();
         }
     }
     let (ho, wo) = (gm.ho(), gm.wo());
@@ -301,6 +302,7 @@ pub fn conv2d_frozen(
             Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?)?,
             None => y,
         }
+        .into()
     };
     let weight = weight.clone();
     let gm = Geom {

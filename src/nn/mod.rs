@@ -18,6 +18,7 @@ mod attach;
 mod attention;
 mod conv;
 mod gelu;
+mod linear;
 mod softmax;
 mod winograd;
 
@@ -96,7 +97,7 @@ pub(crate) mod testing {
     }
 }
 
-pub use attach::{attach, Backward};
+pub use attach::{attach, Backward, Value};
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -148,26 +149,69 @@ fn linear_plain(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, None)
+    }
+}
+
+impl Linear {
+    /// `x W^T + b + residual`: the output projections that a residual sum follows. With frozen
+    /// weights on the CPU the sum is part of the layer's one output buffer, so the graph keeps
+    /// no separate projection output for it.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.apply(x, Some(residual))
+    }
+
+    fn apply(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         // candle's CPU matmul is wrong for some non-contiguous batched inputs (SPEC.md §1).
         let x = x.contiguous()?;
         if trainable(&self.weight, self.bias.as_ref()) {
-            return linear_plain(&x, &self.weight, self.bias.as_ref());
+            let y = linear_plain(&x, &self.weight, self.bias.as_ref())?;
+            return match residual {
+                Some(r) => y + r,
+                None => Ok(y),
+            };
         }
-        let y = linear_plain(&x.detach(), &self.weight, self.bias.as_ref())?;
+        let value = match linear::forward(&x.detach(), &self.weight, self.bias.as_ref(), residual)?
+        {
+            Some(v) => v,
+            None => {
+                let y = linear_plain(&x.detach(), &self.weight, self.bias.as_ref())?;
+                match residual {
+                    Some(r) => (y + r.detach())?.into(),
+                    None => y.into(),
+                }
+            }
+        };
         let w = self.weight.clone();
-        attach(
-            "linear-frozen",
-            &[&x],
-            y,
-            Box::new(move |args, _, g| {
-                // dL/dx = g W, on the rows flattened to a matrix.
-                let dims = args[0].dims().to_vec();
-                let out = w.dim(0)?;
-                let rows = g.elem_count() / out;
-                let dx = g.contiguous()?.reshape((rows, out))?.matmul(&w)?;
-                Ok(vec![Some(dx.reshape(dims)?)])
-            }),
-        )
+        // dL/dx = g W, on the rows flattened to a matrix; dL/dr = g.
+        let input_grad = move |x: &Tensor, g: &Tensor| -> Result<Tensor> {
+            let dims = x.dims().to_vec();
+            let out = w.dim(0)?;
+            let rows = g.elem_count() / out;
+            g.contiguous()?
+                .reshape((rows, out))?
+                .matmul(&w)?
+                .reshape(dims)
+        };
+        match residual {
+            None => attach(
+                "linear-frozen",
+                &[&x],
+                value,
+                Box::new(move |args, _, g| Ok(vec![Some(input_grad(args[0], g)?)])),
+            ),
+            Some(r) => attach(
+                "linear-frozen-residual",
+                &[&x, r],
+                value,
+                Box::new(move |args, _, g| {
+                    Ok(vec![
+                        Some(input_grad(args[0], g)?),
+                        args[1].track_op().then(|| g.clone()),
+                    ])
+                }),
+            ),
+        }
     }
 }
 
@@ -519,6 +563,85 @@ mod tests {
         check_frozen_matches_trainable("linear-t", &x, &[randn(&[4, 6], 12)], |x, w| {
             Linear::from_tensors(w[0].clone(), None).forward(x).unwrap()
         });
+    }
+
+    /// The f32 CPU path of the frozen linear layer (one gemm onto the bias and the residual)
+    /// against the f64 composition with trainable weights: values, and gradients to the input
+    /// and to a tracked residual; with and without bias, residual untracked, and a 4-d input.
+    #[test]
+    fn frozen_f32_linear_with_residual_matches_composition() {
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        for (shape, bias, residual, seed) in [
+            (vec![2, 7, 6], true, Some(true), 1),
+            (vec![2, 7, 6], false, Some(true), 2),
+            (vec![3, 6], true, None, 3),
+            (vec![2, 2, 3, 6], true, Some(false), 4),
+        ] {
+            let (w, b) = (randn(&[5, 6], seed + 10), randn(&[5], seed + 20));
+            let x0 = randn(&shape, seed);
+            let mut out = shape.clone();
+            *out.last_mut().unwrap() = 5;
+            let r0 = randn(&out, seed + 30);
+            let g = randn(&out, seed + 40);
+            assert!(linear::forward(&f32s(&x0), &f32s(&w), None, None)
+                .unwrap()
+                .is_some());
+            let run = |x: &Tensor, r: &Tensor, w: &Tensor, b: &Tensor| {
+                let lin = Linear::from_tensors(w.clone(), bias.then(|| b.clone()));
+                match residual {
+                    Some(_) => lin.forward_residual(x, r).unwrap(),
+                    None => lin.forward(x).unwrap(),
+                }
+            };
+            // Frozen f32.
+            let (xv, rv) = (
+                Var::from_tensor(&f32s(&x0)).unwrap(),
+                Var::from_tensor(&f32s(&r0)).unwrap(),
+            );
+            let r_in = if residual == Some(true) {
+                rv.as_tensor().clone()
+            } else {
+                f32s(&r0)
+            };
+            let y = run(xv.as_tensor(), &r_in, &f32s(&w), &f32s(&b));
+            let gs = (&y * &f32s(&g))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            // Trainable f64.
+            let (xr, rr) = (
+                Var::from_tensor(&x0).unwrap(),
+                Var::from_tensor(&r0).unwrap(),
+            );
+            let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+            let yr = run(
+                xr.as_tensor(),
+                rr.as_tensor(),
+                wv.as_tensor(),
+                bv.as_tensor(),
+            );
+            let gr = (&yr * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let case = format!("{shape:?} bias {bias} residual {residual:?}");
+            assert!(max_diff(&to64(&y), &yr) < 1e-5, "{case}: forward");
+            let dx = gs.get(xv.as_tensor()).unwrap();
+            assert!(
+                max_diff(&to64(dx), gr.get(xr.as_tensor()).unwrap()) < 1e-5,
+                "{case}: dx"
+            );
+            match residual {
+                Some(true) => {
+                    let dr = gs.get(rv.as_tensor()).expect("residual gradient");
+                    assert!(max_diff(&to64(dr), &g) < 1e-6, "{case}: dr");
+                }
+                _ => assert!(
+                    gs.get(rv.as_tensor()).is_none(),
+                    "{case}: untracked residual"
+                ),
+            }
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub(super) fn conv3x3(
     weight: &Tensor,
     bias: Option<&Tensor>,
     flip_transpose: bool,
-) -> Result<Option<Tensor>> {
+) -> Result<Option<super::Value>> {
     if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 || weight.dtype() != DType::F32
     {
         return Ok(None);
@@ -87,7 +87,7 @@ pub(super) fn conv3x3(
             BLOCK_ELEMS,
         );
     }
-    Ok(Some(Tensor::from_vec(out, (b, out_ch, h, w), x.device())?))
+    Ok(Some(super::Value::Cpu(out, (b, out_ch, h, w).into())))
 }
 
 /// `U = G g G^T` for rows `rows` and columns `cols` of a `[_, c, 3, 3]` kernel (each `g` is one
@@ -530,10 +530,16 @@ mod tests {
         assert!(conv3x3(&x, &wt, None, false).unwrap().is_none());
         let y = conv3x3(&f32s(&x), &f32s(&wt), None, false)
             .unwrap()
+            .unwrap()
+            .into_tensor()
             .unwrap();
         let reference = x.conv2d(&wt, 1, 1, 1, 1).unwrap();
         assert!(rel_err(&y, &reference) < 2e-6);
-        let dx = conv3x3(&f32s(&y), &f32s(&wt), None, true).unwrap().unwrap();
+        let dx = conv3x3(&f32s(&y), &f32s(&wt), None, true)
+            .unwrap()
+            .unwrap()
+            .into_tensor()
+            .unwrap();
         assert_eq!(dx.dims(), &[1, 2, 5, 5]);
     }
 }

@@ -276,12 +276,19 @@ impl Attn {
         })
     }
 
-    fn forward(&self, x: &Tensor, k_ctx: &Tensor, v_ctx: &Tensor) -> Result<Tensor> {
+    /// The attention output projected, plus `residual`.
+    fn forward_residual(
+        &self,
+        x: &Tensor,
+        k_ctx: &Tensor,
+        v_ctx: &Tensor,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(k_ctx)?;
         let v = self.to_v.forward(v_ctx)?;
         self.to_out
-            .forward(&nn::attention_merged(&q, &k, &v, self.heads)?)
+            .forward_residual(&nn::attention_merged(&q, &k, &v, self.heads)?, residual)
     }
 }
 
@@ -313,13 +320,13 @@ impl TransformerBlock {
     fn forward(&self, x: &Tensor, k_ctx: &Tensor, v_ctx: &Tensor) -> Result<Tensor> {
         // 1. self-attention
         let n = self.norm1.forward(x)?;
-        let x = (self.attn1.forward(&n, &n, &n)? + x)?;
+        let x = self.attn1.forward_residual(&n, &n, &n, x)?;
         // 2. cross-attention to the text
         let n = self.norm2.forward(&x)?;
-        let x = (self.attn2.forward(&n, k_ctx, v_ctx)? + x)?;
+        let x = self.attn2.forward_residual(&n, k_ctx, v_ctx, &x)?;
         // 3. GEGLU feed-forward: hidden * gelu(gate)
         let h = self.ff_proj.forward(&self.norm3.forward(&x)?)?;
-        self.ff_out.forward(&nn::geglu(&h)?)? + x
+        self.ff_out.forward_residual(&nn::geglu(&h)?, &x)
     }
 }
 

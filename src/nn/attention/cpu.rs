@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
 
-use crate::nn::{cpu_f32, softmax, Shared};
+use crate::nn::{cpu_f32, softmax, Shared, Value};
 
 /// Scores per task: 1 M f32 = 4 MB (256 queries of SD's 4096 keys). Each task has `gemm` pack
 /// all the keys and all the values again, so few tall blocks beat many cache-sized ones: against
@@ -222,7 +222,7 @@ pub(super) fn forward(
     v: &Tensor,
     scale: f64,
     heads: Option<usize>,
-) -> Result<Option<Tensor>> {
+) -> Result<Option<Value>> {
     let Some(((b, h, lq, lk, d), lay)) = dims(q, k, v, heads)? else {
         return Ok(None);
     };
@@ -271,7 +271,7 @@ pub(super) fn forward(
         }
     });
     drop(held);
-    Ok(Some(Tensor::from_vec(out, shape(lay, b, lq), q.device())?))
+    Ok(Some(Value::Cpu(out, shape(lay, b, lq).into())))
 }
 
 /// Scores per task of [`backward`]: 256 K f32 = 1 MB (64 queries of 4096 keys). The products
