@@ -59,7 +59,7 @@ fn forward_blocks(
     budget: usize,
 ) -> Result<Value> {
     if mask.is_none() {
-        if let Some(o) = cpu::forward(q, k, v, scale, None)? {
+        if let Some(o) = cpu::forward(q, k, v, scale, None, None)? {
             return Ok(o);
         }
     }
@@ -139,23 +139,36 @@ pub fn attention_blocks(
     attention_with_budget(q, k, v, mask, BLOCK_ELEMS)
 }
 
-/// Attention of `q` `[B, Lq, H * d]` over `k`, `v` `[B, Lk, H * d]` in `heads` heads, without a
-/// mask, as `[B, Lq, H * d]`: the layout that linear layers give and take. On the CPU in f32
-/// the fused kernels read and write the heads in place, so neither the split of `q`, `k`, `v`
-/// nor the merge of the output is copied, nor kept by the graph; elsewhere it splits, runs
-/// [`attention_blocks`] and merges. Differentiable in `q`, `k` and `v`.
-pub fn attention_merged(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+/// Attention of `q` `[B, Lq, H * d]` over `k`, `v` `[B, Lk, H * d]` in `heads` heads, with an
+/// optional additive mask (no gradient) broadcastable to `[B, H, Lq, Lk]`, as `[B, Lq, H * d]`:
+/// the layout that linear layers give and take. On the CPU in f32, with no mask or one `[Lq, Lk]`
+/// matrix for all (CLIP's causal mask), the fused kernels read and write the heads in place, so
+/// neither the split of `q`, `k`, `v` nor the merge of the output is copied, nor kept by the
+/// graph; elsewhere it splits, runs [`attention_blocks`] and merges. Differentiable in `q`, `k`
+/// and `v`.
+pub fn attention_merged(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let d = q.dim(D::Minus1)? / heads.max(1);
     let scale = 1.0 / (d as f64).sqrt();
-    let Some(o) = cpu::forward(&q.detach(), &k.detach(), &v.detach(), scale, Some(heads))? else {
+    let mask = mask.map(|m| m.detach());
+    let fused = cpu::forward(
+        &q.detach(),
+        &k.detach(),
+        &v.detach(),
+        scale,
+        Some(heads),
+        mask.as_ref(),
+    )?;
+    let Some(o) = fused else {
         let split = |t: &Tensor| super::split_heads(t, heads);
-        return super::merge_heads(&attention_blocks(
-            &split(&q)?,
-            &split(&k)?,
-            &split(&v)?,
-            None,
-        )?);
+        let o = attention_blocks(&split(&q)?, &split(&k)?, &split(&v)?, mask.as_ref())?;
+        return super::merge_heads(&o);
     };
     attach(
         "attention-merged-heads",
@@ -166,9 +179,9 @@ pub fn attention_merged(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Res
             let (q, k, v) = (args[0].detach(), args[1].detach(), args[2].detach());
             let (g, o) = (g.contiguous()?, o.detach());
             let (dq, dk, dv) =
-                cpu::backward(&q, &k, &v, &o, &g, scale, Some(heads))?.ok_or_else(|| {
-                    candle_core::Error::Msg("attention: fused backward unavailable".into())
-                })?;
+                cpu::backward(&q, &k, &v, &o, &g, scale, Some(heads), mask.as_ref())?.ok_or_else(
+                    || candle_core::Error::Msg("attention: fused backward unavailable".into()),
+                )?;
             Ok(vec![
                 need[0].then_some(dq),
                 need[1].then_some(dk),
@@ -206,7 +219,7 @@ fn attention_with_budget(
             let (q, k, v) = (args[0].detach(), args[1].detach(), args[2].detach());
             let (g, o) = (g.contiguous()?, o.detach());
             let fused = match mask {
-                None => cpu::backward(&q, &k, &v, &o, &g, scale, None)?,
+                None => cpu::backward(&q, &k, &v, &o, &g, scale, None, None)?,
                 Some(_) => None,
             };
             let (dq, dk, dv) = match fused {
@@ -294,7 +307,7 @@ mod tests {
                 .collect();
             let scale = 1.0 / (d as f64).sqrt();
             let f32s: Vec<Tensor> = xs.iter().map(|x| x.to_dtype(DType::F32).unwrap()).collect();
-            let fused = cpu::forward(&f32s[0], &f32s[1], &f32s[2], scale, None)
+            let fused = cpu::forward(&f32s[0], &f32s[1], &f32s[2], scale, None, None)
                 .unwrap()
                 .expect("the fused path applies to f32 CPU tensors")
                 .into_tensor()
@@ -353,7 +366,21 @@ mod tests {
         if !crate::nn::softmax::simd_available() {
             return;
         }
-        for (b, h, lq, lk, d) in [(2, 3, 9, 77, 8), (1, 2, 600, 2048, 8), (2, 4, 300, 300, 16)] {
+        let causal = |l: usize| {
+            let v: Vec<f32> = (0..l)
+                .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            Tensor::from_vec(v, (1, 1, l, l), &Device::Cpu).unwrap()
+        };
+        for (b, h, lq, lk, d, masked) in [
+            (2, 3, 9, 77, 8, false),
+            (1, 2, 600, 2048, 8, false),
+            (2, 4, 300, 300, 16, false),
+            (3, 2, 77, 77, 8, true),
+            (1, 2, 300, 300, 8, true),
+        ] {
+            let mask = masked.then(|| causal(lq));
+            let mask64 = mask.as_ref().map(|m| m.to_dtype(DType::F64).unwrap());
             let xs: Vec<Tensor> = [(lq, 21), (lk, 22), (lk, 23)]
                 .iter()
                 .map(|&(l, s)| randn(&[b, l, h * d], s))
@@ -368,6 +395,7 @@ mod tests {
                 vars[1].as_tensor(),
                 vars[2].as_tensor(),
                 h,
+                mask.as_ref(),
             )
             .unwrap();
             assert_eq!(ours.dims(), &[b, lq, h * d]);
@@ -384,7 +412,7 @@ mod tests {
                     &split(rv[0].as_tensor()),
                     &split(rv[1].as_tensor()),
                     &split(rv[2].as_tensor()),
-                    None,
+                    mask64.as_ref(),
                 )
                 .unwrap(),
             )

@@ -19,6 +19,7 @@ mod attention;
 mod conv;
 mod gelu;
 mod linear;
+mod norm_act;
 mod softmax;
 mod winograd;
 
@@ -99,7 +100,7 @@ pub(crate) mod testing {
 
 pub use attach::{attach, Backward, Value};
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// True when a weight needs a gradient (a `Var`, or computed from one).
@@ -320,6 +321,52 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+}
+
+impl GroupNorm {
+    /// `silu(group_norm(x))`, the ResNet blocks' pre-activation, in one kernel where it can.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if !trainable(&self.weight, Some(&self.bias)) {
+            if let Some(y) = self.fused_cpu(x, silu)? {
+                return Ok(y);
+            }
+        }
+        let y = self.composed(x)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// Frozen weights, f32 on the CPU: [`norm_act`]'s kernels. `None` elsewhere.
+    fn fused_cpu(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        if x.rank() < 2 {
+            return Ok(None);
+        }
+        let (b, c) = (x.dim(0)?, x.dim(1)?);
+        let d = norm_act::Dims {
+            b,
+            c,
+            hw: x.elem_count() / (b * c).max(1),
+            groups: self.groups,
+        };
+        let name = if silu {
+            "group-norm-silu-frozen"
+        } else {
+            "group-norm-frozen"
+        };
+        fused_norm(name, x, &self.weight, &self.bias, d, self.eps, silu)
+    }
+
+    /// The composition of tensor ops (any device and dtype; trainable weights).
+    fn composed(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let c = dims[1];
         let dtype = x.dtype();
@@ -363,6 +410,64 @@ impl Module for GroupNorm {
     }
 }
 
+/// A frozen normalisation (and SiLU) of `x` over the groups of `d`, f32 on the CPU, by
+/// [`norm_act`]'s kernels: the output buffer goes to the graph as it is, and the backward keeps
+/// `x` and two floats per group. `None` where it does not apply.
+fn fused_norm(
+    name: &'static str,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    d: norm_act::Dims,
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    let on_cpu_f32 = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
+    if !(on_cpu_f32(x) && on_cpu_f32(weight) && on_cpu_f32(bias)) {
+        return Ok(None);
+    }
+    let dims = x.dims().to_vec();
+    let (x, w, bias) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
+    let (y, stats) = {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (bs, bl) = bias.storage_and_layout();
+        norm_act::forward(
+            cpu_f32(&xs, xl, name)?,
+            cpu_f32(&ws, wl, name)?,
+            cpu_f32(&bs, bl, name)?,
+            d,
+            eps,
+            silu,
+        )
+    };
+    let y = attach(
+        name,
+        &[&x],
+        Value::Cpu(y, dims.clone().into()),
+        Box::new(move |args, _, g| {
+            let (x, g) = (args[0].contiguous()?, g.contiguous()?);
+            let dx = {
+                let (xs, xl) = x.storage_and_layout();
+                let (gs, gl) = g.storage_and_layout();
+                let (ws, wl) = w.storage_and_layout();
+                let (bs, bl) = bias.storage_and_layout();
+                norm_act::backward(
+                    cpu_f32(&xs, xl, name)?,
+                    cpu_f32(&gs, gl, name)?,
+                    cpu_f32(&ws, wl, name)?,
+                    cpu_f32(&bs, bl, name)?,
+                    &stats,
+                    d,
+                    silu,
+                )
+            };
+            Ok(vec![Some(Tensor::from_vec(dx, dims.clone(), x.device())?)])
+        }),
+    )?;
+    Ok(Some(y))
+}
+
 /// Layer normalisation over the last dimension, composed from differentiable ops.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
@@ -401,6 +506,17 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
         return xn.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b);
+    }
+    // Each row is one group of `C` channels of one value each.
+    let c = x.dim(D::Minus1)?;
+    let rows = norm_act::Dims {
+        b: x.elem_count() / c.max(1),
+        c,
+        hw: 1,
+        groups: 1,
+    };
+    if let Some(y) = fused_norm("layer-norm-frozen", x, w, b, rows, eps, false)? {
+        return Ok(y);
     }
     let sd = stat_dtype(dtype);
     let (xn, _) = normalize_last(&x.detach().to_dtype(sd)?, eps)?;
@@ -689,6 +805,96 @@ mod tests {
                 .forward(x)
                 .unwrap()
         });
+    }
+
+    /// The fused f32 CPU group norm (with and without SiLU) against the composition in f64
+    /// with trainable weights: values and input gradients; 4-d and 3-d inputs.
+    /// The frozen f32 layer norm (the fused kernel, one group per row) against the composition
+    /// in f64 with trainable weights: values and input gradients, 2-d and 3-d inputs.
+    #[test]
+    fn fused_layer_norm_matches_composition() {
+        for shape in [vec![5, 33], vec![2, 7, 48]] {
+            let c = *shape.last().unwrap();
+            let x = randn(&shape, 31).affine(3.0, 0.5).unwrap();
+            let (w, b) = ((randn(&[c], 32) + 1.0).unwrap(), randn(&[c], 33));
+            let r = randn(&shape, 34);
+            let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let xv = Var::from_tensor(&f32s(&x)).unwrap();
+            let y = layer_norm(xv.as_tensor(), &f32s(&w), &f32s(&b), 1e-5).unwrap();
+            let dx = (&y * &f32s(&r))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let dx = dx.get(xv.as_tensor()).unwrap().clone();
+            let xr = Var::from_tensor(&x).unwrap();
+            let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+            let yr = layer_norm(xr.as_tensor(), wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap();
+            let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx_ref = gr.get(xr.as_tensor()).unwrap();
+            let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let dy = max_diff(&to64(&y), &yr);
+            let ddx = max_diff(&to64(&dx), dx_ref);
+            assert!(dy < 1e-5, "{shape:?}: forward {dy}");
+            assert!(
+                ddx < 1e-4 * testing::max_abs(dx_ref).max(1.0),
+                "{shape:?}: input gradient {ddx}"
+            );
+        }
+    }
+
+    #[test]
+    fn fused_group_norm_matches_composition() {
+        for (shape, groups) in [(vec![2, 6, 5, 7], 3), (vec![2, 4, 9], 2)] {
+            let c = shape[1];
+            let (x, w, b) = (
+                randn(&shape, 21),
+                (randn(&[c], 22) + 1.0).unwrap(),
+                randn(&[c], 23),
+            );
+            let r = randn(&shape, 24);
+            for silu in [false, true] {
+                let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let xv = Var::from_tensor(&f32s(&x)).unwrap();
+                let gn = GroupNorm {
+                    weight: f32s(&w),
+                    bias: f32s(&b),
+                    groups,
+                    eps: 1e-5,
+                };
+                let y = gn
+                    .fused_cpu(xv.as_tensor(), silu)
+                    .unwrap()
+                    .expect("the fused path applies to f32 CPU tensors");
+                let grads = (&y * &f32s(&r)).unwrap().sum_all().unwrap().backward();
+                let dx = grads.unwrap().get(xv.as_tensor()).unwrap().clone();
+                let xr = Var::from_tensor(&x).unwrap();
+                let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+                let reference = GroupNorm {
+                    weight: wv.as_tensor().clone(),
+                    bias: bv.as_tensor().clone(),
+                    groups,
+                    eps: 1e-5,
+                };
+                let yr = if silu {
+                    reference.forward_silu(xr.as_tensor())
+                } else {
+                    reference.forward(xr.as_tensor())
+                }
+                .unwrap();
+                let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let dx_ref = gr.get(xr.as_tensor()).unwrap();
+                let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                let dy = max_diff(&to64(&y), &yr);
+                let ddx = max_diff(&to64(&dx), dx_ref);
+                assert!(dy < 1e-5, "{shape:?} silu {silu}: forward {dy}");
+                assert!(
+                    ddx < 1e-4 * testing::max_abs(dx_ref).max(1.0),
+                    "{shape:?} silu {silu}: input gradient {ddx}"
+                );
+            }
+        }
     }
 
     #[test]

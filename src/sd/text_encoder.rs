@@ -61,12 +61,15 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let q = nn::split_heads(&self.q.forward(x)?, self.heads)?;
-        let k = nn::split_heads(&self.k.forward(x)?, self.heads)?;
-        let v = nn::split_heads(&self.v.forward(x)?, self.heads)?;
-        let o = nn::attention(&q, &k, &v, Some(mask))?;
-        self.out.forward(&nn::merge_heads(&o)?)
+    /// Self-attention of `x`, projected, plus `residual`.
+    fn forward_residual(&self, x: &Tensor, mask: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let q = self.q.forward(x)?;
+        let k = self.k.forward(x)?;
+        let v = self.v.forward(x)?;
+        self.out.forward_residual(
+            &nn::attention_merged(&q, &k, &v, self.heads, Some(mask))?,
+            residual,
+        )
     }
 }
 
@@ -101,14 +104,14 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let h = (x + self.attn.forward(&self.ln1.forward(x)?, mask)?)?;
+        let h = self.attn.forward_residual(&self.ln1.forward(x)?, mask, x)?;
         let m = self.fc1.forward(&self.ln2.forward(&h)?)?;
         let m = if self.quick_gelu {
             nn::quick_gelu(&m)?
         } else {
             m.gelu_erf()?
         };
-        h + self.fc2.forward(&m)?
+        self.fc2.forward_residual(&m, &h)
     }
 }
 

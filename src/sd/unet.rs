@@ -241,12 +241,12 @@ impl ResnetBlock {
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         // 1. norm -> silu -> conv
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         // 2. add the projected time embedding per channel
         let t = self.time_emb_proj.forward(&temb.silu()?)?;
         let h = nn::broadcast_add(&h, &t.unsqueeze(2)?.unsqueeze(3)?)?;
         // 3. norm -> silu -> (dropout: identity) -> conv
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         // 4. residual (output_scale_factor 1)
         let s = match &self.shortcut {
             Some(c) => c.forward(x)?,
@@ -287,8 +287,10 @@ impl Attn {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(k_ctx)?;
         let v = self.to_v.forward(v_ctx)?;
-        self.to_out
-            .forward_residual(&nn::attention_merged(&q, &k, &v, self.heads)?, residual)
+        self.to_out.forward_residual(
+            &nn::attention_merged(&q, &k, &v, self.heads, None)?,
+            residual,
+        )
     }
 }
 
@@ -603,6 +605,6 @@ impl UNet {
             }
         }
         // 6. post-process
-        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&x)?)
     }
 }

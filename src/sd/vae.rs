@@ -203,9 +203,9 @@ impl ResnetBlock2D {
 impl Module for ResnetBlock2D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // 1. norm1, SiLU, conv1.
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         // 2. norm2, SiLU, (dropout 0), conv2.
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         // 3. 1x1 shortcut when the width changes, residual sum.
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
@@ -447,8 +447,7 @@ impl Module for Encoder {
         // 3. Mid block.
         let h = self.mid_block.forward(&h)?;
         // 4. Norm, SiLU, conv_out.
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -515,8 +514,7 @@ impl Module for Decoder {
             h = b.forward(&h)?;
         }
         // 4. Norm, SiLU, conv_out.
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 

@@ -102,17 +102,43 @@ fn shape(layout: Heads, b: usize, len: usize) -> Vec<usize> {
     }
 }
 
+/// The `[Lq, Lk]` rows of an additive mask that broadcasts as one matrix over batch and heads
+/// (f32, contiguous, leading dimensions 1), or `Err(())` when it is shaped otherwise (the
+/// caller then takes another path).
+fn mask_matrix(
+    mask: Option<&Tensor>,
+    lq: usize,
+    lk: usize,
+) -> Result<std::result::Result<Option<Tensor>, ()>> {
+    let Some(m) = mask else {
+        return Ok(Ok(None));
+    };
+    let dims = m.dims();
+    let n = dims.len();
+    let ok = m.dtype() == DType::F32
+        && matches!(m.device(), Device::Cpu)
+        && n >= 2
+        && dims[n - 2..] == [lq, lk]
+        && dims[..n - 2].iter().all(|&x| x == 1);
+    Ok(if ok {
+        Ok(Some(m.contiguous()?))
+    } else {
+        Err(())
+    })
+}
+
 /// Query rows per task of at most `scores` scores, for `lk` keys.
 fn rows_per_task(scores: usize, lq: usize, lk: usize) -> usize {
     (scores / lk.max(1)).clamp(1, lq.max(1))
 }
 
-/// `p = softmax(s Q_b K^T)` for `r` query rows `qb` (`r x d`) and the head's keys `kh`
-/// (`lk x d`), both with rows `st` apart: the forward's probabilities and the backward's
-/// recomputation of them.
+/// `p = softmax(s Q_b K^T + M_b)` for `r` query rows `qb` (`r x d`) and the head's keys `kh`
+/// (`lk x d`), both with rows `st` apart, and the block's `r x lk` rows `mask` of an additive
+/// mask: the forward's probabilities and the backward's recomputation of them.
 ///
 /// # Safety
-/// `qb` and `kh` span their matrices; `p` holds `r * lk` values and `tmp` at least `lk`.
+/// `qb` and `kh` span their matrices, `mask` (if any) `r * lk` values; `p` holds `r * lk` values
+/// and `tmp` at least `lk`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_probs(
     p: &mut [f32],
@@ -123,6 +149,7 @@ unsafe fn block_probs(
     lk: usize,
     d: usize,
     scale: f32,
+    mask: Option<*const f32>,
     tmp: &mut [f32],
 ) {
     gemm(
@@ -135,6 +162,10 @@ unsafe fn block_probs(
         Mat::transposed(kh, st),
         scale,
     );
+    if let Some(m) = mask {
+        let m = std::slice::from_raw_parts(m, r * lk);
+        p.iter_mut().zip(m).for_each(|(x, &m)| *x += m);
+    }
     softmax::softmax_rows_in_place(p, lk, tmp);
 }
 
@@ -222,9 +253,18 @@ pub(super) fn forward(
     v: &Tensor,
     scale: f64,
     heads: Option<usize>,
+    mask: Option<&Tensor>,
 ) -> Result<Option<Value>> {
     let Some(((b, h, lq, lk, d), lay)) = dims(q, k, v, heads)? else {
         return Ok(None);
+    };
+    let Ok(mask) = mask_matrix(mask, lq, lk)? else {
+        return Ok(None);
+    };
+    let mask_held = mask.as_ref().map(|m| m.storage_and_layout());
+    let ms = match &mask_held {
+        Some((st, l)) => Some(Shared(cpu_f32(st, l, "attention mask")?.as_ptr())),
+        None => None,
     };
     let held: Vec<_> = [q, k, v].iter().map(|t| t.storage_and_layout()).collect();
     let p = pointers(&held)?;
@@ -237,7 +277,7 @@ pub(super) fn forward(
     let scale = scale as f32;
     candle_core::utils::barrier_pool().execute_chunked(b * h * per_head, |tasks| {
         #[allow(clippy::redundant_locals)]
-        let (dst, qs, ks, vs) = (dst, qs, ks, vs);
+        let (dst, qs, ks, vs, ms) = (dst, qs, ks, vs, ms);
         let mut scores = vec![0f32; rows * lk];
         let mut tmp = vec![0f32; lk];
         for task in tasks {
@@ -256,7 +296,8 @@ pub(super) fn forward(
                     ks.0.add(lay.at(head, lk)),
                     vs.0.add(lay.at(head, lk)),
                 );
-                block_probs(s, qb, kh, st, r, lk, d, scale, &mut tmp);
+                let mb = ms.map(|m| m.0.add(r0 * lk));
+                block_probs(s, qb, kh, st, r, lk, d, scale, mb, &mut tmp);
                 gemm(
                     r,
                     d,
@@ -270,7 +311,7 @@ pub(super) fn forward(
             }
         }
     });
-    drop(held);
+    drop((held, mask_held));
     Ok(Some(Value::Cpu(out, shape(lay, b, lq).into())))
 }
 
@@ -288,6 +329,7 @@ const BACKWARD_TASK_SCORES: usize = 1 << 18;
 /// Tasks are (batch x head, group of query blocks). Each group sums its own `dK` and `dV`;
 /// with more than one group per head (fewer heads than twice the threads) the groups' sums are
 /// added afterwards.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     q: &Tensor,
     k: &Tensor,
@@ -296,9 +338,18 @@ pub(super) fn backward(
     g: &Tensor,
     scale: f64,
     heads: Option<usize>,
+    mask: Option<&Tensor>,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let Some(((b, h, lq, lk, d), lay)) = dims(q, k, v, heads)? else {
         return Ok(None);
+    };
+    let Ok(mask) = mask_matrix(mask, lq, lk)? else {
+        return Ok(None);
+    };
+    let mask_held = mask.as_ref().map(|m| m.storage_and_layout());
+    let ms = match &mask_held {
+        Some((st, l)) => Some(Shared(cpu_f32(st, l, "attention mask")?.as_ptr())),
+        None => None,
     };
     if o.dims() != q.dims() || g.dims() != q.dims() {
         candle_core::bail!(
@@ -344,7 +395,7 @@ pub(super) fn backward(
     let scale = scale as f32;
     candle_core::utils::barrier_pool().execute_chunked(bh * groups, |tasks| {
         #[allow(clippy::redundant_locals)]
-        let (dq_p, dk_p, dv_p, qs, ks, vs, os, gs) = (dq_p, dk_p, dv_p, qs, ks, vs, os, gs);
+        let (dq_p, dk_p, dv_p, qs, ks, vs, os, gs, ms) = (dq_p, dk_p, dv_p, qs, ks, vs, os, gs, ms);
         let mut probs = vec![0f32; rows * lk];
         let mut dprobs = vec![0f32; rows * lk];
         let mut tmp = vec![0f32; lk];
@@ -368,7 +419,8 @@ pub(super) fn backward(
                     let (qb, ob, gb) = (qs.0.add(at), os.0.add(at), gs.0.add(at));
                     let p = &mut probs[..r * lk];
                     let dp = &mut dprobs[..r * lk];
-                    block_probs(p, qb, kh, st, r, lk, d, scale, &mut tmp);
+                    let mb = ms.map(|m| m.0.add(r0 * lk));
+                    block_probs(p, qb, kh, st, r, lk, d, scale, mb, &mut tmp);
                     gemm(
                         r,
                         lk,
@@ -426,7 +478,7 @@ pub(super) fn backward(
             }
         }
     });
-    drop(held);
+    drop((held, mask_held));
     let (dk, dv) = if groups == 1 {
         (dk, dv)
     } else {
