@@ -6,8 +6,10 @@
 //! forms the input gradients from it (the recomputation trick of FlashAttention, Dao et al. 2022,
 //! at block granularity):
 //! `dV = P^T dO`, `dP = dO V^T`, `dS = P * (dP - rowsum(dO * O))`, `dQ = s dS K`, `dK = s dS^T Q`.
-//! The graph keeps only `q`, `k`, `v` and the output. Without a mask, f32 on the CPU, both
-//! directions run as fused kernels ([`cpu`]); elsewhere, as tensor ops over query blocks.
+//! The graph keeps only `q`, `k`, `v` and the output. In f32 on the CPU, both directions run as
+//! fused kernels ([`cpu`]): for `[B, H, L, d]` inputs without a mask ([`attention_blocks`]), and
+//! for merged heads `[B, L, H * d]` without a mask or with one `[Lq, Lk]` mask for all
+//! ([`attention_merged`]); elsewhere, as tensor ops over query blocks.
 
 mod cpu;
 
