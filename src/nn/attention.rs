@@ -146,7 +146,7 @@ pub fn attention_blocks(
 /// the layout that linear layers give and take. On the CPU in f32, with no mask or one `[Lq, Lk]`
 /// matrix for all (CLIP's causal mask), the fused kernels read and write the heads in place, so
 /// neither the split of `q`, `k`, `v` nor the merge of the output is copied, nor kept by the
-/// graph; elsewhere it splits, runs [`attention_blocks`] and merges. Differentiable in `q`, `k`
+/// graph; elsewhere it splits, runs `attention_blocks` and merges. Differentiable in `q`, `k`
 /// and `v`.
 pub fn attention_merged(
     q: &Tensor,
