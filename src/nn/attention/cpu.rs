@@ -102,29 +102,26 @@ fn shape(layout: Heads, b: usize, len: usize) -> Vec<usize> {
     }
 }
 
-/// The `[Lq, Lk]` rows of an additive mask that broadcasts as one matrix over batch and heads
-/// (f32, contiguous, leading dimensions 1), or `Err(())` when it is shaped otherwise (the
-/// caller then takes another path).
-fn mask_matrix(
-    mask: Option<&Tensor>,
-    lq: usize,
-    lk: usize,
-) -> Result<std::result::Result<Option<Tensor>, ()>> {
-    let Some(m) = mask else {
-        return Ok(Ok(None));
-    };
-    let dims = m.dims();
+/// Whether an additive mask broadcasts as one `[Lq, Lk]` matrix over batch and heads (f32 on
+/// the CPU, leading dimensions 1): the one form the kernels take. Otherwise the caller takes
+/// another path.
+fn mask_fits(mask: &Tensor, lq: usize, lk: usize) -> bool {
+    let dims = mask.dims();
     let n = dims.len();
-    let ok = m.dtype() == DType::F32
-        && matches!(m.device(), Device::Cpu)
+    mask.dtype() == DType::F32
+        && matches!(mask.device(), Device::Cpu)
         && n >= 2
         && dims[n - 2..] == [lq, lk]
-        && dims[..n - 2].iter().all(|&x| x == 1);
-    Ok(if ok {
-        Ok(Some(m.contiguous()?))
-    } else {
-        Err(())
-    })
+        && dims[..n - 2].iter().all(|&x| x == 1)
+}
+
+/// The mask (if any) made contiguous, or `None` when it does not fit [`mask_fits`].
+fn mask_matrix(mask: Option<&Tensor>, lq: usize, lk: usize) -> Result<Option<Option<Tensor>>> {
+    match mask {
+        None => Ok(Some(None)),
+        Some(m) if mask_fits(m, lq, lk) => Ok(Some(Some(m.contiguous()?))),
+        Some(_) => Ok(None),
+    }
 }
 
 /// Query rows per task of at most `scores` scores, for `lk` keys.
@@ -258,17 +255,16 @@ pub(super) fn forward(
     let Some(((b, h, lq, lk, d), lay)) = dims(q, k, v, heads)? else {
         return Ok(None);
     };
-    let Ok(mask) = mask_matrix(mask, lq, lk)? else {
+    let Some(mask) = mask_matrix(mask, lq, lk)? else {
         return Ok(None);
     };
-    let mask_held = mask.as_ref().map(|m| m.storage_and_layout());
-    let ms = match &mask_held {
-        Some((st, l)) => Some(Shared(cpu_f32(st, l, "attention mask")?.as_ptr())),
-        None => None,
-    };
-    let held: Vec<_> = [q, k, v].iter().map(|t| t.storage_and_layout()).collect();
+    let held: Vec<_> = [q, k, v]
+        .into_iter()
+        .chain(mask.as_ref())
+        .map(|t| t.storage_and_layout())
+        .collect();
     let p = pointers(&held)?;
-    let (qs, ks, vs) = (p[0], p[1], p[2]);
+    let (qs, ks, vs, ms) = (p[0], p[1], p[2], p.get(3).copied());
     let rows = rows_per_task(TASK_SCORES, lq, lk);
     let per_head = lq.div_ceil(rows);
     let st = lay.stride();
@@ -311,7 +307,7 @@ pub(super) fn forward(
             }
         }
     });
-    drop((held, mask_held));
+    drop(held);
     Ok(Some(Value::Cpu(out, shape(lay, b, lq).into())))
 }
 
@@ -343,13 +339,8 @@ pub(super) fn backward(
     let Some(((b, h, lq, lk, d), lay)) = dims(q, k, v, heads)? else {
         return Ok(None);
     };
-    let Ok(mask) = mask_matrix(mask, lq, lk)? else {
+    let Some(mask) = mask_matrix(mask, lq, lk)? else {
         return Ok(None);
-    };
-    let mask_held = mask.as_ref().map(|m| m.storage_and_layout());
-    let ms = match &mask_held {
-        Some((st, l)) => Some(Shared(cpu_f32(st, l, "attention mask")?.as_ptr())),
-        None => None,
     };
     if o.dims() != q.dims() || g.dims() != q.dims() {
         candle_core::bail!(
@@ -360,10 +351,12 @@ pub(super) fn backward(
         );
     }
     let held: Vec<_> = [q, k, v, o, g]
-        .iter()
+        .into_iter()
+        .chain(mask.as_ref())
         .map(|t| t.storage_and_layout())
         .collect();
     let p = pointers(&held)?;
+    let ms = p.get(5).copied();
     let (qs, ks, vs, os, gs) = (p[0], p[1], p[2], p[3], p[4]);
     let bh = b * h;
     let rows = rows_per_task(BACKWARD_TASK_SCORES, lq, lk);
@@ -478,7 +471,7 @@ pub(super) fn backward(
             }
         }
     });
-    drop((held, mask_held));
+    drop(held);
     let (dk, dv) = if groups == 1 {
         (dk, dv)
     } else {
