@@ -243,6 +243,26 @@ mod tests {
     use crate::nn::testing::{max_diff, randn};
     use candle_core::{DType, Device, Var};
 
+    /// The f32 gradients `g1` of `vars` against the f64 reference `g2` of `reference`, each
+    /// within `1e-4` of the reference's largest magnitude (at least 1).
+    fn assert_grads_close(
+        g1: &candle_core::backprop::GradStore,
+        vars: &[Var],
+        g2: &candle_core::backprop::GradStore,
+        reference: &[Var],
+        what: &str,
+    ) {
+        for (i, (v, r)) in vars.iter().zip(reference).enumerate() {
+            let a = g1.get(v.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
+            let e = g2.get(r.as_tensor()).unwrap();
+            let diff = max_diff(&a, e);
+            assert!(
+                diff < 1e-4 * crate::nn::testing::max_abs(e).max(1.0),
+                "gradient {i} {what}: {diff}"
+            );
+        }
+    }
+
     /// Values and q/k/v gradients equal the composed attention's (whose backward is candle's),
     /// with and without a causal mask, in one block and in several uneven ones.
     #[test]
@@ -342,20 +362,7 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            for i in 0..3 {
-                let a = g1
-                    .get(vars[i].as_tensor())
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap();
-                let e = g2.get(rv[i].as_tensor()).unwrap();
-                let scale_e = crate::nn::testing::max_abs(e);
-                let diff = max_diff(&a, e);
-                assert!(
-                    diff < 1e-4 * scale_e.max(1.0),
-                    "gradient {i} {lq}x{lk}: {diff}"
-                );
-            }
+            assert_grads_close(&g1, &vars, &g2, &rv, &format!("{lq}x{lk}"));
         }
     }
 
@@ -427,19 +434,7 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            for i in 0..3 {
-                let a = g1
-                    .get(vars[i].as_tensor())
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap();
-                let e = g2.get(rv[i].as_tensor()).unwrap();
-                let diff = max_diff(&a, e);
-                assert!(
-                    diff < 1e-4 * crate::nn::testing::max_abs(e).max(1.0),
-                    "gradient {i} {b}x{h} {lq}x{lk}: {diff}"
-                );
-            }
+            assert_grads_close(&g1, &vars, &g2, &rv, &format!("{b}x{h} {lq}x{lk}"));
         }
     }
 }
