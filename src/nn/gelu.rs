@@ -13,7 +13,7 @@
 //! arithmetic over slices that the compiler vectorizes; libm's scalar `erff` and `expf` per element
 //! took ten times as long for GEGLU's forward.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// GEGLU of `h = [a, gate]` split in halves along its last dimension: `a * gelu(gate)` with the
 /// exact (erf) GELU, as diffusers' `GEGLU`. Composed from candle ops the forward keeps the GELU
@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Resul
 /// its input; fused, the op keeps `h` alone and the backward is one pass that recomputes the GELU.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
     let half = h.dim(candle_core::D::Minus1)? / 2;
-    if matches!(h.device(), Device::Cpu) && h.dtype() == DType::F32 {
+    if super::is_cpu_f32(h) {
         h.contiguous()?.apply_op1(Geglu)
     } else {
         let a = h.narrow(candle_core::D::Minus1, 0, half)?;
@@ -34,7 +34,7 @@ const K: f32 = 1.702;
 
 /// `x * sigmoid(1.702 x)`, differentiable.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 {
+    if super::is_cpu_f32(x) {
         x.contiguous()?.apply_op1(QuickGelu)
     } else {
         x * candle_nn::ops::sigmoid(&(x * K as f64)?)?
@@ -274,7 +274,7 @@ impl CustomOp2 for QuickGeluGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{DType, Device, Var};
 
     /// The fused GEGLU against candle's composition (narrow, erf GELU, product) in f64: values
     /// and gradients over several chunks of rows, from a non-contiguous input; and a point by

@@ -8,7 +8,7 @@
 //! output for the residual sum that follows it.
 
 use super::{cpu_f32, Value};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 /// `x W^T + b + r` for `x` `[..., in]`, `weight` `[out, in]`, `bias` `[out]` and `residual`
 /// shaped as the output. `None` where this path does not apply (not f32 on the CPU).
@@ -18,8 +18,11 @@ pub(super) fn forward(
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Option<Value>> {
-    let f32_cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
-    if !f32_cpu(x) || !f32_cpu(weight) || !bias.is_none_or(f32_cpu) || !residual.is_none_or(f32_cpu)
+    use super::is_cpu_f32;
+    if !is_cpu_f32(x)
+        || !is_cpu_f32(weight)
+        || !bias.is_none_or(is_cpu_f32)
+        || !residual.is_none_or(is_cpu_f32)
     {
         return Ok(None);
     }

@@ -26,6 +26,12 @@ mod winograd;
 pub use attention::attention_merged;
 pub use gelu::{geglu, quick_gelu};
 
+/// Whether `t` is f32 on the CPU: what the hand-written kernels of this module take (other
+/// dtypes and devices keep candle's ops).
+fn is_cpu_f32(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+}
+
 /// A raw pointer handed to the workers of candle's CPU thread pool
 /// (`barrier_pool().execute_chunked`), which need `Send + Sync` captures. Whoever makes one
 /// upholds what the compiler cannot check: through a `*mut`, workers write disjoint parts; behind
@@ -422,8 +428,7 @@ fn fused_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Option<Tensor>> {
-    let on_cpu_f32 = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
-    if !(on_cpu_f32(x) && on_cpu_f32(weight) && on_cpu_f32(bias)) {
+    if !(is_cpu_f32(x) && is_cpu_f32(weight) && is_cpu_f32(bias)) {
         return Ok(None);
     }
     let dims = x.dims().to_vec();

@@ -8,11 +8,11 @@
 //! ulp) and spreads the rows over candle's CPU thread pool. Everything else (other CPUs, other
 //! dtypes, GPUs) goes to `candle_nn::ops::softmax_last_dim`.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// `softmax(x)` over the last dimension, without a backward pass.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && simd::available() {
+    if super::is_cpu_f32(x) && simd::available() {
         x.contiguous()?.apply_op1_no_bwd(&CpuSoftmax)
     } else {
         candle_nn::ops::softmax_last_dim(x)
@@ -243,6 +243,7 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     /// Agrees with candle's softmax to float rounding on rows of every tail length, with masked
     /// (-inf) entries and a wide range of values.

@@ -14,7 +14,7 @@
 //! each fit [`BLOCK_ELEMS`].
 
 use super::Shared;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// Elements of one block's transformed windows (and, separately, of its products and of the
 /// transformed kernel chunk): 4 M f32 = 16 MB.
@@ -39,8 +39,7 @@ pub(super) fn conv3x3(
     bias: Option<&Tensor>,
     flip_transpose: bool,
 ) -> Result<Option<super::Value>> {
-    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 || weight.dtype() != DType::F32
-    {
+    if !super::is_cpu_f32(x) || weight.dtype() != DType::F32 {
         return Ok(None);
     }
     let (b, ci, h, w) = x.dims4()?;
@@ -445,6 +444,7 @@ fn output_transform(m: &[f32; 16]) -> [[f32; 2]; 2] {
 mod tests {
     use super::*;
     use crate::nn::testing::randn;
+    use candle_core::Device;
 
     fn f32s(t: &Tensor) -> Tensor {
         t.to_dtype(DType::F32).unwrap()

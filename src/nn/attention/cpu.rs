@@ -56,7 +56,7 @@ impl Heads {
 /// with AVX2 and FMA for the softmax. `heads` is `None` for `[B, H, L, d]` inputs and the head
 /// count for merged `[B, L, H * d]` ones.
 fn dims(q: &Tensor, k: &Tensor, v: &Tensor, heads: Option<usize>) -> Result<Option<(Dims, Heads)>> {
-    if !matches!(q.device(), Device::Cpu) || q.dtype() != DType::F32 || !softmax::simd_available() {
+    if !super::super::is_cpu_f32(q) || !softmax::simd_available() {
         return Ok(None);
     }
     let mismatch = || {
