@@ -812,8 +812,41 @@ mod tests {
         });
     }
 
-    /// The fused f32 CPU group norm (with and without SiLU) against the composition in f64
-    /// with trainable weights: values and input gradients; 4-d and 3-d inputs.
+    /// A fused f32 CPU layer against its composition in f64 with trainable weights: `fused` gets
+    /// `x` and `weights` in f32, `reference` in f64 as variables; the values must agree to 1e-5
+    /// and the input gradients (of `sum(y * r)`) to 1e-4 of their size.
+    fn assert_fused_matches_f64(
+        label: &str,
+        x: &Tensor,
+        weights: &[Tensor],
+        r: &Tensor,
+        fused: impl Fn(&Tensor, &[Tensor]) -> Tensor,
+        reference: impl Fn(&Tensor, &[Tensor]) -> Tensor,
+    ) {
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let xv = Var::from_tensor(&f32s(x)).unwrap();
+        let w32: Vec<Tensor> = weights.iter().map(f32s).collect();
+        let y = fused(xv.as_tensor(), &w32);
+        let grads = (&y * &f32s(r)).unwrap().sum_all().unwrap().backward();
+        let dx = grads.unwrap().get(xv.as_tensor()).unwrap().clone();
+        let xr = Var::from_tensor(x).unwrap();
+        let vars: Vec<Tensor> = weights
+            .iter()
+            .map(|w| Var::from_tensor(w).unwrap().as_tensor().clone())
+            .collect();
+        let yr = reference(xr.as_tensor(), &vars);
+        let gr = (&yr * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx_ref = gr.get(xr.as_tensor()).unwrap();
+        let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let dy = max_diff(&to64(&y), &yr);
+        let ddx = max_diff(&to64(&dx), dx_ref);
+        assert!(dy < 1e-5, "{label}: forward {dy}");
+        assert!(
+            ddx < 1e-4 * testing::max_abs(dx_ref).max(1.0),
+            "{label}: input gradient {ddx}"
+        );
+    }
+
     /// The frozen f32 layer norm (the fused kernel, one group per row) against the composition
     /// in f64 with trainable weights: values and input gradients, 2-d and 3-d inputs.
     #[test]
@@ -823,32 +856,13 @@ mod tests {
             let x = randn(&shape, 31).affine(3.0, 0.5).unwrap();
             let (w, b) = ((randn(&[c], 32) + 1.0).unwrap(), randn(&[c], 33));
             let r = randn(&shape, 34);
-            let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let xv = Var::from_tensor(&f32s(&x)).unwrap();
-            let y = layer_norm(xv.as_tensor(), &f32s(&w), &f32s(&b), 1e-5).unwrap();
-            let dx = (&y * &f32s(&r))
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let dx = dx.get(xv.as_tensor()).unwrap().clone();
-            let xr = Var::from_tensor(&x).unwrap();
-            let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
-            let yr = layer_norm(xr.as_tensor(), wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap();
-            let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let dx_ref = gr.get(xr.as_tensor()).unwrap();
-            let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-            let dy = max_diff(&to64(&y), &yr);
-            let ddx = max_diff(&to64(&dx), dx_ref);
-            assert!(dy < 1e-5, "{shape:?}: forward {dy}");
-            assert!(
-                ddx < 1e-4 * testing::max_abs(dx_ref).max(1.0),
-                "{shape:?}: input gradient {ddx}"
-            );
+            let ln = |x: &Tensor, w: &[Tensor]| layer_norm(x, &w[0], &w[1], 1e-5).unwrap();
+            assert_fused_matches_f64(&format!("{shape:?}"), &x, &[w, b], &r, ln, ln);
         }
     }
 
+    /// The fused f32 CPU group norm (with and without SiLU) against the composition in f64
+    /// with trainable weights: values and input gradients; 4-d and 3-d inputs.
     #[test]
     fn fused_group_norm_matches_composition() {
         for (shape, groups) in [(vec![2, 6, 5, 7], 3), (vec![2, 4, 9], 2)] {
@@ -859,44 +873,32 @@ mod tests {
                 randn(&[c], 23),
             );
             let r = randn(&shape, 24);
+            let gn = |w: &[Tensor]| GroupNorm {
+                weight: w[0].clone(),
+                bias: w[1].clone(),
+                groups,
+                eps: 1e-5,
+            };
             for silu in [false, true] {
-                let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-                let xv = Var::from_tensor(&f32s(&x)).unwrap();
-                let gn = GroupNorm {
-                    weight: f32s(&w),
-                    bias: f32s(&b),
-                    groups,
-                    eps: 1e-5,
-                };
-                let y = gn
-                    .fused_cpu(xv.as_tensor(), silu)
-                    .unwrap()
-                    .expect("the fused path applies to f32 CPU tensors");
-                let grads = (&y * &f32s(&r)).unwrap().sum_all().unwrap().backward();
-                let dx = grads.unwrap().get(xv.as_tensor()).unwrap().clone();
-                let xr = Var::from_tensor(&x).unwrap();
-                let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
-                let reference = GroupNorm {
-                    weight: wv.as_tensor().clone(),
-                    bias: bv.as_tensor().clone(),
-                    groups,
-                    eps: 1e-5,
-                };
-                let yr = if silu {
-                    reference.forward_silu(xr.as_tensor())
-                } else {
-                    reference.forward(xr.as_tensor())
-                }
-                .unwrap();
-                let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let dx_ref = gr.get(xr.as_tensor()).unwrap();
-                let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-                let dy = max_diff(&to64(&y), &yr);
-                let ddx = max_diff(&to64(&dx), dx_ref);
-                assert!(dy < 1e-5, "{shape:?} silu {silu}: forward {dy}");
-                assert!(
-                    ddx < 1e-4 * testing::max_abs(dx_ref).max(1.0),
-                    "{shape:?} silu {silu}: input gradient {ddx}"
+                assert_fused_matches_f64(
+                    &format!("{shape:?} silu {silu}"),
+                    &x,
+                    &[w.clone(), b.clone()],
+                    &r,
+                    |x, w| {
+                        gn(w)
+                            .fused_cpu(x, silu)
+                            .unwrap()
+                            .expect("the fused path applies to f32 CPU tensors")
+                    },
+                    |x, w| {
+                        if silu {
+                            gn(w).forward_silu(x)
+                        } else {
+                            gn(w).forward(x)
+                        }
+                        .unwrap()
+                    },
                 );
             }
         }
