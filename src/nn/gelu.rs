@@ -54,19 +54,22 @@ fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a
 /// core's cache between its passes.
 const CHUNK: usize = 1 << 12;
 
-/// Fills `rows` rows of `width` outputs over candle's CPU thread pool, a few rows per task:
-/// `f(r, out)` writes row `r`.
-fn par_rows(rows: usize, width: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let mut dst = vec![0f32; rows * width];
+/// Fills `len` outputs in rows of `width` (the last one shorter where `width` does not divide
+/// `len`) over candle's CPU thread pool, a few rows per task: `f(r, out)` writes row `r`.
+fn par_rows(len: usize, width: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut dst = vec![0f32; len];
+    let width = width.max(1);
+    let rows = len.div_ceil(width);
     let out = super::Shared(dst.as_mut_ptr());
-    let per_task = (CHUNK / width.max(1)).max(1);
+    let per_task = (CHUNK / width).max(1);
     candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(per_task), |range| {
         #[allow(clippy::redundant_locals)]
         let out = out;
         for c in range {
             for r in c * per_task..((c + 1) * per_task).min(rows) {
+                let n = width.min(len - r * width);
                 // SAFETY: row r is written by this worker only; dst outlives the pool call.
-                let row = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * width), width) };
+                let row = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * width), n) };
                 f(r, row);
             }
         }
@@ -121,7 +124,7 @@ impl CustomOp1 for Geglu {
         let half = *last / 2;
         *last = half;
         let rows = h.len() / (2 * half).max(1);
-        let y = par_rows(rows, half, |r, y| {
+        let y = par_rows(rows * half, half, |r, y| {
             let (a, gate) = h[r * 2 * half..(r + 1) * 2 * half].split_at(half);
             // y = exp(-gate^2 / 2) first, then a * gate * Phi(gate) in place.
             for (e, &x) in y.iter_mut().zip(gate) {
@@ -169,7 +172,7 @@ impl CustomOp2 for GegluGrad {
             );
         }
         let rows = g.len() / half.max(1);
-        let dh = par_rows(rows, 2 * half, |r, out| {
+        let dh = par_rows(rows * 2 * half, 2 * half, |r, out| {
             let (a, gate) = h[r * 2 * half..(r + 1) * 2 * half].split_at(half);
             let gr = &g[r * half..(r + 1) * half];
             let (da, dgate) = out.split_at_mut(half);
@@ -211,16 +214,13 @@ impl CustomOp1 for QuickGelu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(storage, layout, "input")?;
-        let n = x.len();
-        let mut y = par_rows(n.div_ceil(CHUNK), CHUNK, |c, y| {
-            let xs = &x[c * CHUNK..((c + 1) * CHUNK).min(n)];
-            let y = &mut y[..xs.len()];
+        let y = par_rows(x.len(), CHUNK, |c, y| {
+            let xs = &x[c * CHUNK..][..y.len()];
             exp_neg_kx(xs, y);
             for (y, &v) in y.iter_mut().zip(xs) {
                 *y = v / (1.0 + *y);
             }
         });
-        y.truncate(n);
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -255,18 +255,14 @@ impl CustomOp2 for QuickGeluGrad {
                 g.len()
             );
         }
-        let n = x.len();
-        let mut dx = par_rows(n.div_ceil(CHUNK), CHUNK, |c, d| {
-            let range = c * CHUNK..((c + 1) * CHUNK).min(n);
-            let (xs, gs) = (&x[range.clone()], &g[range]);
-            let d = &mut d[..xs.len()];
+        let dx = par_rows(x.len(), CHUNK, |c, d| {
+            let (xs, gs) = (&x[c * CHUNK..][..d.len()], &g[c * CHUNK..][..d.len()]);
             exp_neg_kx(xs, d);
             for ((d, &v), &gv) in d.iter_mut().zip(xs).zip(gs) {
                 let s = 1.0 / (1.0 + *d);
                 *d = gv * (s + K * v * s * (1.0 - s));
             }
         });
-        dx.truncate(n);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
