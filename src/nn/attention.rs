@@ -9,7 +9,9 @@
 //! The graph keeps only `q`, `k`, `v` and the output. In f32 on the CPU, both directions run as
 //! fused kernels ([`cpu`]): for `[B, H, L, d]` inputs without a mask ([`attention_blocks`]), and
 //! for merged heads `[B, L, H * d]` without a mask or with one `[Lq, Lk]` mask for all
-//! ([`attention_merged`]); elsewhere, as tensor ops over query blocks.
+//! ([`attention_merged`]); elsewhere, as tensor ops over query blocks. The fused forward also
+//! keeps each query row's log-sum-exp (one value a row), so the fused backward rebuilds the
+//! probabilities tile by tile over queries and keys, as FlashAttention-2 does.
 
 mod cpu;
 
@@ -51,7 +53,8 @@ fn block_probs(q_blk: &Tensor, kt: &Tensor, scale: f64, mask: Option<&Tensor>) -
     super::softmax::softmax_last_dim(&s)
 }
 
-/// Attention without a graph, block by block over the queries. All inputs contiguous.
+/// Attention without a graph, block by block over the queries. All inputs contiguous. With the
+/// fused kernels, also the rows' log-sum-exps, for their backward.
 fn forward_blocks(
     q: &Tensor,
     k: &Tensor,
@@ -59,10 +62,10 @@ fn forward_blocks(
     mask: Option<&Tensor>,
     scale: f64,
     budget: usize,
-) -> Result<Value> {
+) -> Result<(Value, Option<Vec<f32>>)> {
     if mask.is_none() {
-        if let Some(o) = cpu::forward(q, k, v, scale, None, None)? {
-            return Ok(o);
+        if let Some(f) = cpu::forward(q, k, v, scale, None, None)? {
+            return Ok((f.out, Some(f.lse)));
         }
     }
     let (b, h, q_len, _) = q.dims4()?;
@@ -78,7 +81,7 @@ fn forward_blocks(
         outs.push(p.matmul(v)?);
         start += len;
     }
-    Ok(Tensor::cat(&outs, 2)?.into())
+    Ok((Tensor::cat(&outs, 2)?.into(), None))
 }
 
 /// Input gradients `(dq, dk, dv)` given the output `o` and its gradient `g`.
@@ -167,7 +170,7 @@ pub fn attention_merged(
         Some(heads),
         mask.as_ref(),
     )?;
-    let Some(o) = fused else {
+    let Some(cpu::Forward { out, lse }) = fused else {
         let split = |t: &Tensor| super::split_heads(t, heads);
         let o = attention_blocks(&split(&q)?, &split(&k)?, &split(&v)?, mask.as_ref())?;
         return super::merge_heads(&o);
@@ -175,15 +178,16 @@ pub fn attention_merged(
     attach(
         "attention-merged-heads",
         &[&q, &k, &v],
-        o,
+        out,
         Box::new(move |args, o, g| {
             let need: Vec<bool> = args.iter().map(|a| a.track_op()).collect();
             let (q, k, v) = (args[0].detach(), args[1].detach(), args[2].detach());
             let (g, o) = (g.contiguous()?, o.detach());
             let (dq, dk, dv) =
-                cpu::backward(&q, &k, &v, &o, &g, scale, Some(heads), mask.as_ref())?.ok_or_else(
-                    || candle_core::Error::Msg("attention: fused backward unavailable".into()),
-                )?;
+                cpu::backward(&q, &k, &v, &o, &g, &lse, scale, Some(heads), mask.as_ref())?
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg("attention: fused backward unavailable".into())
+                    })?;
             Ok(vec![
                 need[0].then_some(dq),
                 need[1].then_some(dk),
@@ -204,7 +208,7 @@ fn attention_with_budget(
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let mask = mask.map(|m| m.detach());
-    let o = forward_blocks(
+    let (o, lse) = forward_blocks(
         &q.detach(),
         &k.detach(),
         &v.detach(),
@@ -220,9 +224,9 @@ fn attention_with_budget(
             let need: Vec<bool> = args.iter().map(|a| a.track_op()).collect();
             let (q, k, v) = (args[0].detach(), args[1].detach(), args[2].detach());
             let (g, o) = (g.contiguous()?, o.detach());
-            let fused = match mask {
-                None => cpu::backward(&q, &k, &v, &o, &g, scale, None, None)?,
-                Some(_) => None,
+            let fused = match (&mask, &lse) {
+                (None, Some(lse)) => cpu::backward(&q, &k, &v, &o, &g, lse, scale, None, None)?,
+                _ => None,
             };
             let (dq, dk, dv) = match fused {
                 Some(grads) => grads,
@@ -310,8 +314,8 @@ mod tests {
     }
 
     /// The fused CPU kernels (f32) against the composed attention in f64: self- and
-    /// cross-attention shapes, one task block and several with an uneven tail, one head whose
-    /// query blocks are split over groups (summed dK and dV); values, and gradients through the
+    /// cross-attention shapes, one tile and several with uneven tails in queries and keys, one
+    /// head whose key blocks are split over groups (summed dQ); values, and gradients through the
     /// differentiable entry point.
     #[test]
     fn fused_cpu_kernels_match_composed_attention() {
@@ -332,6 +336,7 @@ mod tests {
             let fused = cpu::forward(&f32s[0], &f32s[1], &f32s[2], scale, None, None)
                 .unwrap()
                 .expect("the fused path applies to f32 CPU tensors")
+                .out
                 .into_tensor()
                 .unwrap();
             let reference = super::super::attention_composed(&xs[0], &xs[1], &xs[2], None).unwrap();
@@ -368,8 +373,8 @@ mod tests {
 
     /// The merged-heads entry point (`[B, L, H * d]` in and out, heads read in place) against
     /// split, composed attention, merged, in f64: values and gradients; self- and cross-attention
-    /// shapes, one head's query blocks over several groups (dK and dV summed into the merged
-    /// layout), and a batch of two with several heads.
+    /// shapes, one head's key blocks over several groups (dQ summed into the merged layout, with
+    /// and without CLIP's causal mask), and a batch of two with several heads.
     #[test]
     fn merged_heads_match_split_composed_attention() {
         if !crate::nn::softmax::simd_available() {

@@ -24,13 +24,16 @@ pub(super) fn simd_available() -> bool {
     simd::available()
 }
 
-/// Softmax of each `d`-wide row of `buf`, in place; `tmp` holds at least `d` values. Only call
-/// when [`simd_available`].
-pub(super) fn softmax_rows_in_place(buf: &mut [f32], d: usize, tmp: &mut [f32]) {
+/// Softmax of each `d`-wide row of `buf`, in place, writing each row's log-sum-exp
+/// `max + ln(sum(exp(x - max)))` to `lse` (one value per row): the attention backward rebuilds
+/// any tile of the probabilities from it as `exp(x - lse)`. `tmp` holds at least `d` values.
+/// Only call when [`simd_available`].
+pub(super) fn softmax_rows_in_place(buf: &mut [f32], d: usize, tmp: &mut [f32], lse: &mut [f32]) {
     let tmp = &mut tmp[..d];
-    for row in buf.chunks_exact_mut(d) {
+    for (row, lse) in buf.chunks_exact_mut(d).zip(lse) {
         tmp.copy_from_slice(row);
-        simd::softmax_row(tmp, row);
+        let (m, sum) = simd::softmax_row(tmp, row);
+        *lse = m + sum.ln();
     }
 }
 
@@ -98,8 +101,9 @@ mod simd {
         }
     }
 
-    /// Softmax of one row into `dst` (same length). Only called when [`available`].
-    pub fn softmax_row(src: &[f32], dst: &mut [f32]) {
+    /// Softmax of one row into `dst` (same length), returning the row's maximum and the sum of
+    /// `exp(x - max)`. Only called when [`available`].
+    pub fn softmax_row(src: &[f32], dst: &mut [f32]) -> (f32, f32) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` checked AVX2 and FMA before any call reaches here.
         unsafe {
@@ -111,7 +115,7 @@ mod simd {
 
     /// Reference path (and the row tail): scalar libm.
     #[allow(dead_code)]
-    pub fn scalar_row(src: &[f32], dst: &mut [f32]) {
+    pub fn scalar_row(src: &[f32], dst: &mut [f32]) -> (f32, f32) {
         let m = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for (d, &s) in dst.iter_mut().zip(src) {
@@ -120,6 +124,7 @@ mod simd {
         }
         let inv = 1.0 / sum;
         dst.iter_mut().for_each(|d| *d *= inv);
+        (m, sum)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -192,7 +197,7 @@ mod simd {
         /// # Safety
         /// The CPU must support AVX2 and FMA; `dst` must be as long as `src`.
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn softmax_row(src: &[f32], dst: &mut [f32]) {
+        pub unsafe fn softmax_row(src: &[f32], dst: &mut [f32]) -> (f32, f32) {
             let n = src.len().min(dst.len());
             let full = n / 8 * 8;
             let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
@@ -209,7 +214,7 @@ mod simd {
             if m == f32::NEG_INFINITY {
                 // Every score masked: what candle gives (0 / 0).
                 dst[..n].iter_mut().for_each(|d| *d = f32::NAN);
-                return;
+                return (m, 0.0);
             }
             let vm = _mm256_set1_ps(m);
             let mut vsum = _mm256_setzero_ps();
@@ -236,6 +241,7 @@ mod simd {
             for d in &mut dst[full..n] {
                 *d *= inv;
             }
+            (m, sum)
         }
     }
 }

@@ -2,9 +2,10 @@
 //! task computes one block of queries' scores into its own buffer and calls `gemm` directly, so
 //! no score tensor is allocated and every elementwise step runs on cache-warm rows.
 //!
-//! Forward: `S = s Q K^T`, the softmax in place, `O = P V`.
-//! Backward, per block, from the recomputed `P`: `dP = dO V^T`, `dS = P * (dP - rowsum(dO * O))`
-//! in place, `dQ = s dS K`, and the sums over blocks `dV += P^T dO`, `dK += s dS^T Q`.
+//! Forward: `S = s Q K^T`, the softmax in place (keeping each row's log-sum-exp), `O = P V`.
+//! Backward, per tile of queries and keys, from `P` rebuilt with the log-sum-exps:
+//! `dP = dO V^T`, `dS = P * (dP - rowsum(dO * O))` in place, and the sums over tiles
+//! `dQ += s dS K`, `dV += P^T dO`, `dK += s dS^T Q`.
 //!
 //! The tensors are either split by head, `[B, H, L, d]`, or merged as linear layers give and
 //! take them, `[B, L, H * d]` ([`Heads::merged`]): a head is then a strided matrix, which `gemm`
@@ -131,14 +132,15 @@ fn rows_per_task(scores: usize, lq: usize, lk: usize) -> usize {
 
 /// `p = softmax(s Q_b K^T + M_b)` for `r` query rows `qb` (`r x d`) and the head's keys `kh`
 /// (`lk x d`), both with rows `st` apart, and the block's `r x lk` rows `mask` of an additive
-/// mask: the forward's probabilities and the backward's recomputation of them.
+/// mask, with each row's log-sum-exp in `lse` (what the backward rebuilds tiles of `p` from).
 ///
 /// # Safety
-/// `qb` and `kh` span their matrices, `mask` (if any) `r * lk` values; `p` holds `r * lk` values
-/// and `tmp` at least `lk`.
+/// `qb` and `kh` span their matrices, `mask` (if any) `r * lk` values; `p` holds `r * lk` values,
+/// `lse` `r` and `tmp` at least `lk`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_probs(
     p: &mut [f32],
+    lse: &mut [f32],
     qb: *const f32,
     kh: *const f32,
     st: usize,
@@ -163,7 +165,7 @@ unsafe fn block_probs(
         let m = std::slice::from_raw_parts(m, r * lk);
         p.iter_mut().zip(m).for_each(|(x, &m)| *x += m);
     }
-    softmax::softmax_rows_in_place(p, lk, tmp);
+    softmax::softmax_rows_in_place(p, lk, tmp, lse);
 }
 
 /// A row-major matrix view for [`gemm`]: element `(i, j)` at `ptr + i * rs + j * cs`.
@@ -242,6 +244,13 @@ fn pointers(
         .collect()
 }
 
+/// The output of [`forward`]: the attention values, in the inputs' layout, and each query row's
+/// log-sum-exp of its scores `[B * H, Lq]`, which [`backward`] needs.
+pub(super) struct Forward {
+    pub out: Value,
+    pub lse: Vec<f32>,
+}
+
 /// Attention forward without a graph, in the layout of the inputs (`heads`: see [`dims`]).
 /// `None` where these kernels do not apply. Inputs contiguous.
 pub(super) fn forward(
@@ -251,7 +260,7 @@ pub(super) fn forward(
     scale: f64,
     heads: Option<usize>,
     mask: Option<&Tensor>,
-) -> Result<Option<Value>> {
+) -> Result<Option<Forward>> {
     let Some(((b, h, lq, lk, d), lay)) = dims(q, k, v, heads)? else {
         return Ok(None);
     };
@@ -269,11 +278,12 @@ pub(super) fn forward(
     let per_head = lq.div_ceil(rows);
     let st = lay.stride();
     let mut out = vec![0f32; b * h * lq * d];
-    let dst = Shared(out.as_mut_ptr());
+    let mut lse = vec![0f32; b * h * lq];
+    let (dst, lse_p) = (Shared(out.as_mut_ptr()), Shared(lse.as_mut_ptr()));
     let scale = scale as f32;
     candle_core::utils::barrier_pool().execute_chunked(b * h * per_head, |tasks| {
         #[allow(clippy::redundant_locals)]
-        let (dst, qs, ks, vs, ms) = (dst, qs, ks, vs, ms);
+        let (dst, lse_p, qs, ks, vs, ms) = (dst, lse_p, qs, ks, vs, ms);
         let mut scores = vec![0f32; rows * lk];
         let mut tmp = vec![0f32; lk];
         for task in tasks {
@@ -284,8 +294,8 @@ pub(super) fn forward(
             let at = lay.at(head, lq) + r0 * st;
             // SAFETY: the storages are held (`held`) for the whole call and each view spans its
             // matrix: the queries r x d, the keys lk x d read as K^T, the values lk x d (rows
-            // `st` apart), `s` r x lk; the output rows r0..r0 + r of this head belong to this
-            // task alone.
+            // `st` apart), `s` r x lk; the output rows r0..r0 + r of this head, and their
+            // log-sum-exps, belong to this task alone.
             unsafe {
                 let (qb, kh, vh) = (
                     qs.0.add(at),
@@ -293,7 +303,8 @@ pub(super) fn forward(
                     vs.0.add(lay.at(head, lk)),
                 );
                 let mb = ms.map(|m| m.0.add(r0 * lk));
-                block_probs(s, qb, kh, st, r, lk, d, scale, mb, &mut tmp);
+                let l = std::slice::from_raw_parts_mut(lse_p.0.add(head * lq + r0), r);
+                block_probs(s, l, qb, kh, st, r, lk, d, scale, mb, &mut tmp);
                 gemm(
                     r,
                     d,
@@ -308,23 +319,33 @@ pub(super) fn forward(
         }
     });
     drop(held);
-    Ok(Some(Value::Cpu(out, shape(lay, b, lq).into())))
+    Ok(Some(Forward {
+        out: Value::Cpu(out, shape(lay, b, lq).into()),
+        lse,
+    }))
 }
 
-/// Scores per task of [`backward`]: 256 K f32 = 1 MB (64 queries of 4096 keys). The products
-/// `dS^T Q` and `P^T dO` sum over the block's queries and run at about half the rate of the
-/// others; with taller blocks they slow further (one thread, 4096 keys, d = 40: 44, 31, 19
-/// GFLOPS at 128, 256, 1024 queries). The whole backward of SD's 64 x 64 self-attention took
-/// about the same time at 128 K to 1 M scores (0.7-0.95 s, within this machine's noise).
-const BACKWARD_TASK_SCORES: usize = 1 << 18;
+/// Keys per tile of [`backward`], and the scores of the whole key length that give its query
+/// rows (64 rows of SD's 4096 keys, 3404 of CLIP's 77). Against the previous backward (64-query
+/// blocks over all keys, whose score blocks and `dK`, `dV` sums left the core's cache), SD's
+/// 64 x 64 self-attention backward fell from 1.05-1.12 s to 0.63-0.84 s (min of 7 to 9, batch 1,
+/// 8 heads, 2 threads, alternated). Keys per tile from 128 to 512 and query rows from 32 to 1024
+/// were within this machine's noise.
+const TILE_K: usize = 256;
+const BACKWARD_ROW_SCORES: usize = 1 << 18;
 
-/// `(dq, dk, dv)` of attention without a mask, given the output `o` and its gradient `g` (all
-/// contiguous, in the layout that `heads` gives: see [`dims`]). `None` where these kernels do
-/// not apply.
+/// `(dq, dk, dv)` of attention, given the output `o`, its gradient `g` and the forward's
+/// log-sum-exps `lse` (all contiguous, in the layout that `heads` gives: see [`dims`]; `mask`
+/// as the forward had it). `None` where these kernels do not apply.
 ///
-/// Tasks are (batch x head, group of query blocks). Each group sums its own `dK` and `dV`;
-/// with more than one group per head (fewer heads than twice the threads) the groups' sums are
-/// added afterwards.
+/// FlashAttention-2's backward at tile granularity: each tile of query rows and [`TILE_K`] keys
+/// rebuilds its probabilities as `P = exp(s Q_i K_j^T + M_ij - lse_i)` without the rest of their
+/// rows, so a tile and its keys' gradient sums stay in the core's cache through the tile's five
+/// products. Tasks are (batch x head, group of key blocks); a task runs through its key blocks
+/// one at a time and, for each, through all the query tiles, so the block's `dK_j` and `dV_j`
+/// are summed in cache and written by this task alone. `dQ` sums over key blocks: with more than
+/// one group per head (fewer heads than twice the threads) each group sums its own and the
+/// groups' sums are added afterwards.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     q: &Tensor,
@@ -332,6 +353,7 @@ pub(super) fn backward(
     v: &Tensor,
     o: &Tensor,
     g: &Tensor,
+    lse: &[f32],
     scale: f64,
     heads: Option<usize>,
     mask: Option<&Tensor>,
@@ -350,6 +372,13 @@ pub(super) fn backward(
             q.shape()
         );
     }
+    let bh = b * h;
+    if lse.len() != bh * lq {
+        candle_core::bail!(
+            "attention backward: {} log-sum-exps for {bh} x {lq} query rows",
+            lse.len()
+        );
+    }
     let held: Vec<_> = [q, k, v, o, g]
         .into_iter()
         .chain(mask.as_ref())
@@ -358,18 +387,18 @@ pub(super) fn backward(
     let p = pointers(&held)?;
     let ms = p.get(5).copied();
     let (qs, ks, vs, os, gs) = (p[0], p[1], p[2], p[3], p[4]);
-    let bh = b * h;
-    let rows = rows_per_task(BACKWARD_TASK_SCORES, lq, lk);
-    let blocks = lq.div_ceil(rows);
+    let lse = Shared(lse.as_ptr());
+    let tile_q = rows_per_task(BACKWARD_ROW_SCORES, lq, lk);
+    let key_blocks = lk.div_ceil(TILE_K);
     let threads = candle_core::utils::get_num_threads().max(1);
-    let groups = (2 * threads).div_ceil(bh).clamp(1, blocks);
-    let per_group = blocks.div_ceil(groups);
+    let per_group = key_blocks.div_ceil((2 * threads).div_ceil(bh).clamp(1, key_blocks));
+    let groups = key_blocks.div_ceil(per_group);
     let st = lay.stride();
-    let mut dq = vec![0f32; bh * lq * d];
-    // dK and dV of every (head, group) as `[bh * groups, lk, d]`; with one group, the results
-    // themselves, in the inputs' layout.
-    let mut dk = vec![0f32; bh * groups * lk * d];
-    let mut dv = vec![0f32; bh * groups * lk * d];
+    // dQ of every (head, group) as `[bh * groups, lq, d]`; with one group, dQ itself, in the
+    // inputs' layout.
+    let mut dq = vec![0f32; bh * groups * lq * d];
+    let mut dk = vec![0f32; bh * lk * d];
+    let mut dv = vec![0f32; bh * lk * d];
     let (part_at, part_st) = if groups == 1 {
         (lay, st)
     } else {
@@ -388,97 +417,128 @@ pub(super) fn backward(
     let scale = scale as f32;
     candle_core::utils::barrier_pool().execute_chunked(bh * groups, |tasks| {
         #[allow(clippy::redundant_locals)]
-        let (dq_p, dk_p, dv_p, qs, ks, vs, os, gs, ms) = (dq_p, dk_p, dv_p, qs, ks, vs, os, gs, ms);
-        let mut probs = vec![0f32; rows * lk];
-        let mut dprobs = vec![0f32; rows * lk];
-        let mut tmp = vec![0f32; lk];
+        let (dq_p, dk_p, dv_p, qs, ks, vs, os, gs, ms, lse) =
+            (dq_p, dk_p, dv_p, qs, ks, vs, os, gs, ms, lse);
+        let tile = tile_q * TILE_K.min(lk);
+        let mut probs = vec![0f32; tile];
+        let mut dprobs = vec![0f32; tile];
+        let mut dots = vec![0f32; lq];
         for task in tasks {
             let head = task / groups;
             let first = (task % groups) * per_group;
-            let last = (first + per_group).min(blocks);
-            // SAFETY: the storages are held (`held`) for the whole call and each view spans its
-            // matrix (queries, outputs and their gradients r x d at row r0 of this head, keys and
-            // values lk x d, all with rows `st` apart; the score buffers r x lk). This task alone
-            // writes dq's rows r0..r0 + r of this head and its own (head, group) slot of dk and
-            // dv (with one group, the head itself).
+            let last = (first + per_group).min(key_blocks);
+            // SAFETY: the storages are held (`held`) for the whole call, `lse` is borrowed for
+            // it, and each view spans its matrix (queries, outputs and their gradients at row r0
+            // of this head, keys and values at row c0, all with rows `st` apart; the tile
+            // buffers r x c). This task alone writes its own (head, group) slot of dq (with one
+            // group, the head itself) and the rows of dk and dv of its own key blocks.
             unsafe {
-                let (kh, vh) = (ks.0.add(lay.at(head, lk)), vs.0.add(lay.at(head, lk)));
-                let slot = part_at.at(task, lk);
-                let (dk_t, dv_t) = (dk_p.0.add(slot), dv_p.0.add(slot));
+                let (qh, oh, gh) = (
+                    qs.0.add(lay.at(head, lq)),
+                    os.0.add(lay.at(head, lq)),
+                    gs.0.add(lay.at(head, lq)),
+                );
+                let lse_h = std::slice::from_raw_parts(lse.0.add(head * lq), lq);
+                // rowsum(dO * O), the softmax backward's subtrahend, per query row.
+                for (i, dot) in dots.iter_mut().enumerate() {
+                    let (o_row, g_row) = (
+                        std::slice::from_raw_parts(oh.add(i * st), d),
+                        std::slice::from_raw_parts(gh.add(i * st), d),
+                    );
+                    *dot = o_row.iter().zip(g_row).map(|(a, b)| a * b).sum();
+                }
+                let kv = lay.at(head, lk);
+                let dq_t = dq_p.0.add(part_at.at(task, lq));
                 for blk in first..last {
-                    let r0 = blk * rows;
-                    let r = rows.min(lq - r0);
-                    let at = lay.at(head, lq) + r0 * st;
-                    let (qb, ob, gb) = (qs.0.add(at), os.0.add(at), gs.0.add(at));
-                    let p = &mut probs[..r * lk];
-                    let dp = &mut dprobs[..r * lk];
-                    let mb = ms.map(|m| m.0.add(r0 * lk));
-                    block_probs(p, qb, kh, st, r, lk, d, scale, mb, &mut tmp);
-                    gemm(
-                        r,
-                        lk,
-                        d,
-                        Mat::rows(dp.as_mut_ptr(), lk),
-                        false,
-                        Mat::rows(gb, st),
-                        Mat::transposed(vh, st),
-                        1.0,
-                    );
-                    for (i, (p_row, dp_row)) in
-                        p.chunks_exact(lk).zip(dp.chunks_exact_mut(lk)).enumerate()
-                    {
-                        let (o_row, g_row) = (
-                            std::slice::from_raw_parts(ob.add(i * st), d),
-                            std::slice::from_raw_parts(gb.add(i * st), d),
+                    let c0 = blk * TILE_K;
+                    let c = TILE_K.min(lk - c0);
+                    let (kj, vj) = (ks.0.add(kv + c0 * st), vs.0.add(kv + c0 * st));
+                    let (dkj, dvj) = (dk_p.0.add(kv + c0 * st), dv_p.0.add(kv + c0 * st));
+                    for r0 in (0..lq).step_by(tile_q) {
+                        let r = tile_q.min(lq - r0);
+                        let (qi, gi) = (qh.add(r0 * st), gh.add(r0 * st));
+                        let p = &mut probs[..r * c];
+                        let dp = &mut dprobs[..r * c];
+                        gemm(
+                            r,
+                            c,
+                            d,
+                            Mat::rows(p.as_mut_ptr(), c),
+                            false,
+                            Mat::rows(qi, st),
+                            Mat::transposed(kj, st),
+                            scale,
                         );
-                        let dot: f32 = o_row.iter().zip(g_row).map(|(a, b)| a * b).sum();
-                        softmax_grad_row(p_row, dp_row, dot);
+                        for (i, row) in p.chunks_exact_mut(c).enumerate() {
+                            let l = lse_h[r0 + i];
+                            match ms {
+                                Some(m) => {
+                                    let m =
+                                        std::slice::from_raw_parts(m.0.add((r0 + i) * lk + c0), c);
+                                    row.iter_mut().zip(m).for_each(|(x, &m)| *x = *x + m - l);
+                                }
+                                None => row.iter_mut().for_each(|x| *x -= l),
+                            }
+                        }
+                        softmax::exp_in_place(p);
+                        gemm(
+                            r,
+                            c,
+                            d,
+                            Mat::rows(dp.as_mut_ptr(), c),
+                            false,
+                            Mat::rows(gi, st),
+                            Mat::transposed(vj, st),
+                            1.0,
+                        );
+                        for (i, (p_row, dp_row)) in
+                            p.chunks_exact(c).zip(dp.chunks_exact_mut(c)).enumerate()
+                        {
+                            softmax_grad_row(p_row, dp_row, dots[r0 + i]);
+                        }
+                        // dV_j += P^T dO_i and dK_j += s dS^T Q_i, written transposed so that
+                        // gemm reads the tiles along their rows; then dQ_i += s dS K_j.
+                        let first_tile = r0 == 0;
+                        gemm(
+                            d,
+                            c,
+                            r,
+                            Mat::transposed(dvj, st),
+                            !first_tile,
+                            Mat::transposed(gi, st),
+                            Mat::rows(p.as_ptr(), c),
+                            1.0,
+                        );
+                        gemm(
+                            d,
+                            c,
+                            r,
+                            Mat::transposed(dkj, st),
+                            !first_tile,
+                            Mat::transposed(qi, st),
+                            Mat::rows(dp.as_ptr(), c),
+                            scale,
+                        );
+                        gemm(
+                            r,
+                            d,
+                            c,
+                            Mat::rows(dq_t.add(r0 * part_st), part_st),
+                            blk != first,
+                            Mat::rows(dp.as_ptr(), c),
+                            Mat::rows(kj, st),
+                            scale,
+                        );
                     }
-                    let first_block = blk == first;
-                    // dV^T = dO^T P and dK^T = s Q^T dS, written transposed: this way gemm
-                    // reads the score blocks along their rows.
-                    gemm(
-                        d,
-                        lk,
-                        r,
-                        Mat::transposed(dv_t, part_st),
-                        !first_block,
-                        Mat::transposed(gb, st),
-                        Mat::rows(p.as_ptr(), lk),
-                        1.0,
-                    );
-                    gemm(
-                        r,
-                        d,
-                        lk,
-                        Mat::rows(dq_p.0.add(at), st),
-                        false,
-                        Mat::rows(dp.as_ptr(), lk),
-                        Mat::rows(kh, st),
-                        scale,
-                    );
-                    gemm(
-                        d,
-                        lk,
-                        r,
-                        Mat::transposed(dk_t, part_st),
-                        !first_block,
-                        Mat::transposed(qb, st),
-                        Mat::rows(dp.as_ptr(), lk),
-                        scale,
-                    );
                 }
             }
         }
     });
     drop(held);
-    let (dk, dv) = if groups == 1 {
-        (dk, dv)
+    let dq = if groups == 1 {
+        dq
     } else {
-        (
-            sum_groups(&dk, groups, lk, lay),
-            sum_groups(&dv, groups, lk, lay),
-        )
+        sum_groups(&dq, groups, lq, lay)
     };
     let dev = q.device();
     Ok(Some((
