@@ -32,6 +32,12 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// PyTorch's figures measured beside ours: the JSON lines that `scripts/pytorch-bench.py
+    /// --out FILE` appends. The (case, size) pairs it covers take their ratios from its last
+    /// line for them instead of SPEC.md §7's figures, which were taken once on an idle machine
+    /// (a shared CPU's speed drifts by ±20 % within minutes, so alternate the two programs).
+    #[arg(long, value_name = "FILE")]
+    pub pytorch: Option<PathBuf>,
     /// Address-space limit of each case's process, in GiB (default: 90 % of the memory
     /// available when the case starts). A case over it fails as "out of memory".
     #[arg(long)]
@@ -59,6 +65,9 @@ struct Row {
     peak_rss_gib: Option<f64>,
     pytorch_s: Option<f64>,
     pytorch_rss_gib: Option<f64>,
+    /// Where the PyTorch figures come from: the `--pytorch` file or SPEC.md §7.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pytorch_from: Option<String>,
     /// Our median time over PyTorch's (lower is better).
     time_ratio: Option<f64>,
     /// The machine's 1-minute load average when the case started (other processes slow the
@@ -110,6 +119,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if let Some(&s) = args.sizes.iter().find(|&&s| s == 0 || s % 8 != 0) {
         bail!("--sizes {s}: image sizes must be positive multiples of 8 (e.g. --sizes 256,512)");
     }
+    let measured = match &args.pytorch {
+        Some(p) => read_pytorch(p)?,
+        None => Vec::new(),
+    };
     let cfgs = configs(&args.common)?;
     let seed = args.common.seed.unwrap_or(0);
     if let Some(case) = args.case {
@@ -131,7 +144,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 case.name(),
                 args.runs
             );
-            let row = run_child(args, case, size)?;
+            let mut row = run_child(args, case, size)?;
+            row.set_pytorch(pytorch_figures(
+                &measured,
+                args.pytorch.as_deref(),
+                case,
+                size,
+            ));
             eprintln!("{}", format_row(&row));
             rows.push(row);
         }
@@ -155,7 +174,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "ratio = ours / PyTorch 2.15 (SPEC.md §7, same 2-core machine, idle); cpu = CPU seconds of all threads; peak = VmHWM of the case's process, weights included; load = 1-min load average at the start; ti+ and neti+ are whole `train` steps at batch 1 (UNet on 3 prompt pools, AdamW)"
+        "ratio = ours / PyTorch 2.15 (* = measured beside ours, from --pytorch; else SPEC.md §7, same 2-core machine, idle); cpu = CPU seconds of all threads; peak = VmHWM of the case's process, weights included; load = 1-min load average at the start; ti+ and neti+ are whole `train` steps at batch 1 (UNet on 3 prompt pools, AdamW)"
     )?;
     for r in &report.neti_plus_over_ti_plus {
         writeln!(
@@ -225,13 +244,10 @@ fn run_child(args: &BenchArgs, case: Case, size: usize) -> Result<Row> {
         peak_rss_gib: None,
         pytorch_s: None,
         pytorch_rss_gib: None,
+        pytorch_from: None,
         time_ratio: None,
         load_avg,
     };
-    if let Some((s, rss)) = bench::pytorch_reference(case, size) {
-        row.pytorch_s = Some(s);
-        row.pytorch_rss_gib = rss;
-    }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let parsed = stdout
         .lines()
@@ -241,7 +257,6 @@ fn run_child(args: &BenchArgs, case: Case, size: usize) -> Result<Row> {
     match (out.status.success(), parsed) {
         (true, Some(r)) => {
             row.peak_rss_gib = r.peak_rss_bytes.map(|b| b as f64 / GIB);
-            row.time_ratio = row.pytorch_s.map(|p| r.median_s / p);
             row.result = Some(r);
         }
         (ok, _) => {
@@ -262,6 +277,75 @@ fn run_child(args: &BenchArgs, case: Case, size: usize) -> Result<Row> {
         }
     }
     Ok(row)
+}
+
+/// One line of `scripts/pytorch-bench.py --out`: a case's median over its runs and its peak RSS.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+struct PytorchLine {
+    case: String,
+    size: usize,
+    median_s: f64,
+    peak_gib: Option<f64>,
+}
+
+/// PyTorch's time and peak memory for a case: `measured`'s last line for it (read from `file`),
+/// else SPEC.md §7's figures, with where they came from.
+fn pytorch_figures(
+    measured: &[PytorchLine],
+    file: Option<&Path>,
+    case: Case,
+    size: usize,
+) -> Option<(f64, Option<f64>, String)> {
+    match measured
+        .iter()
+        .rev()
+        .find(|l| l.case == case.name() && l.size == size)
+    {
+        Some(l) => Some((
+            l.median_s,
+            l.peak_gib,
+            format!(
+                "measured ({})",
+                file.map_or("-".into(), |f| f.display().to_string())
+            ),
+        )),
+        None => bench::pytorch_reference(case, size).map(|(s, g)| (s, g, "SPEC.md §7".into())),
+    }
+}
+
+/// The `--pytorch` file: JSON lines as `scripts/pytorch-bench.py --out` appends them.
+fn read_pytorch(path: &Path) -> Result<Vec<PytorchLine>> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "--pytorch {}: cannot read it (write it with scripts/pytorch-bench.py --out FILE)",
+            path.display()
+        )
+    })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| {
+                format!(
+                    "--pytorch {} line {}: not a line of scripts/pytorch-bench.py --out (JSON with case, size, median_s)",
+                    path.display(),
+                    i + 1
+                )
+            })
+        })
+        .collect()
+}
+
+impl Row {
+    /// Set the PyTorch figures and the time ratio to them.
+    fn set_pytorch(&mut self, figures: Option<(f64, Option<f64>, String)>) {
+        if let Some((s, rss, from)) = figures {
+            self.pytorch_s = Some(s);
+            self.pytorch_rss_gib = rss;
+            self.pytorch_from = Some(from);
+            self.time_ratio = self.result.as_ref().map(|r| r.median_s / s);
+        }
+    }
 }
 
 /// Cap the child's address space (`RLIMIT_AS`), so an allocation over it fails in the child.
@@ -312,7 +396,16 @@ fn format_row(r: &Row) -> String {
         f(res.map(|x| x.median_backward_s), 2),
         f(res.map(|x| x.median_cpu_s), 1),
         f(r.peak_rss_gib, 2),
-        f(r.pytorch_s, 1),
+        f(r.pytorch_s, 1)
+            + if r
+                .pytorch_from
+                .as_deref()
+                .is_some_and(|f| f.starts_with("measured"))
+            {
+                "*"
+            } else {
+                ""
+            },
         f(r.time_ratio, 2),
         f(r.pytorch_rss_gib, 1),
         f(r.load_avg, 1),
@@ -380,9 +473,45 @@ mod tests {
             peak_rss_gib: None,
             pytorch_s: None,
             pytorch_rss_gib: None,
+            pytorch_from: None,
             time_ratio: None,
             load_avg: None,
         }
+    }
+
+    /// The `--pytorch` file's last line for a (case, size) sets its figures and ratio; pairs it
+    /// lacks keep SPEC.md §7's; a bad line is an error naming the file and the line.
+    #[test]
+    fn measured_pytorch_figures_replace_the_spec_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pt.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                r#"{"case": "ti", "size": 512, "median_s": 20.0, "peak_gib": 6.4, "runs": 3}"#,
+                "\n\n",
+                r#"{"case": "ti", "size": 512, "median_s": 16.0, "peak_gib": 6.3}"#,
+                "\n",
+                r#"{"case": "sample", "size": 512, "median_s": 15.0, "peak_gib": null}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        let measured = read_pytorch(&path).unwrap();
+        assert_eq!(measured.len(), 3);
+        let mut r = row(Case::Ti, 512, Some(12.0));
+        r.set_pytorch(pytorch_figures(&measured, Some(&path), Case::Ti, 512));
+        assert_eq!((r.pytorch_s, r.pytorch_rss_gib), (Some(16.0), Some(6.3)));
+        assert_eq!(r.time_ratio, Some(0.75));
+        assert!(format_row(&r).contains("16.0*"), "{}", format_row(&r));
+        let mut r = row(Case::Ti, 256, Some(4.3));
+        r.set_pytorch(pytorch_figures(&measured, Some(&path), Case::Ti, 256));
+        assert_eq!(r.pytorch_from.as_deref(), Some("SPEC.md §7"));
+        assert_eq!(r.time_ratio, Some(1.0));
+        assert!(!format_row(&r).contains('*'));
+        std::fs::write(&path, "{\"case\": \"ti\", \"size\": 512}\n").unwrap();
+        let e = format!("{:#}", read_pytorch(&path).unwrap_err());
+        assert!(e.contains("pt.jsonl line 1"), "{e}");
     }
 
     #[test]
