@@ -374,7 +374,8 @@ mod tests {
     /// The merged-heads entry point (`[B, L, H * d]` in and out, heads read in place) against
     /// split, composed attention, merged, in f64: values and gradients; self- and cross-attention
     /// shapes, one head's key blocks over several groups (dQ summed into the merged layout, with
-    /// and without CLIP's causal mask), and a batch of two with several heads.
+    /// and without CLIP's causal mask), a causal mask over several forward key tiles (whose
+    /// later tiles are all masked for the first rows), and a batch of two with several heads.
     #[test]
     fn merged_heads_match_split_composed_attention() {
         if !crate::nn::softmax::simd_available() {
@@ -392,6 +393,7 @@ mod tests {
             (2, 4, 300, 300, 16, false),
             (3, 2, 77, 77, 8, true),
             (1, 2, 300, 300, 8, true),
+            (1, 2, 600, 600, 8, true),
         ] {
             let mask = masked.then(|| causal(lq));
             let mask64 = mask.as_ref().map(|m| m.to_dtype(DType::F64).unwrap());

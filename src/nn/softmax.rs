@@ -19,22 +19,39 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// True when [`softmax_rows_in_place`] can run (x86-64 with AVX2 and FMA).
+/// True when the vector kernels ([`max_of`], [`exp_shifted_sum`], the softmax op) can run (x86-64
+/// with AVX2 and FMA).
 pub(super) fn simd_available() -> bool {
     simd::available()
 }
 
-/// Softmax of each `d`-wide row of `buf`, in place, writing each row's log-sum-exp
-/// `max + ln(sum(exp(x - max)))` to `lse` (one value per row): the attention backward rebuilds
-/// any tile of the probabilities from it as `exp(x - lse)`. `tmp` holds at least `d` values.
-/// Only call when [`simd_available`].
-pub(super) fn softmax_rows_in_place(buf: &mut [f32], d: usize, tmp: &mut [f32], lse: &mut [f32]) {
-    let tmp = &mut tmp[..d];
-    for (row, lse) in buf.chunks_exact_mut(d).zip(lse) {
-        tmp.copy_from_slice(row);
-        let (m, sum) = simd::softmax_row(tmp, row);
-        *lse = m + sum.ln();
+/// The largest element of `xs` (`-inf` for an empty slice or one of `-inf`s). Only call when
+/// [`simd_available`].
+pub(super) fn max_of(xs: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller checked `simd_available()`: AVX2 and FMA are there.
+    unsafe {
+        simd::avx2::max_slice(xs)
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    xs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `x <- e^(x - shift)` for every element, in place, returning their sum: one tile row of the
+/// online softmax in the attention forward. Only call when [`simd_available`].
+pub(super) fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller checked `simd_available()`: AVX2 and FMA are there.
+    unsafe {
+        simd::avx2::exp_shifted_sum(xs, shift)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    xs.iter_mut()
+        .map(|x| {
+            *x = (*x - shift).exp();
+            *x
+        })
+        .sum()
 }
 
 /// `e^x` of every element, in place: eight at a time where [`simd_available`], else libm's.
@@ -101,9 +118,8 @@ mod simd {
         }
     }
 
-    /// Softmax of one row into `dst` (same length), returning the row's maximum and the sum of
-    /// `exp(x - max)`. Only called when [`available`].
-    pub fn softmax_row(src: &[f32], dst: &mut [f32]) -> (f32, f32) {
+    /// Softmax of one row into `dst` (same length). Only called when [`available`].
+    pub fn softmax_row(src: &[f32], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` checked AVX2 and FMA before any call reaches here.
         unsafe {
@@ -115,7 +131,7 @@ mod simd {
 
     /// Reference path (and the row tail): scalar libm.
     #[allow(dead_code)]
-    pub fn scalar_row(src: &[f32], dst: &mut [f32]) -> (f32, f32) {
+    pub fn scalar_row(src: &[f32], dst: &mut [f32]) {
         let m = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for (d, &s) in dst.iter_mut().zip(src) {
@@ -124,7 +140,6 @@ mod simd {
         }
         let inv = 1.0 / sum;
         dst.iter_mut().for_each(|d| *d *= inv);
-        (m, sum)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -178,6 +193,48 @@ mod simd {
             _mm_cvtss_f32(s)
         }
 
+        /// The largest element (`-inf` when empty).
+        ///
+        /// # Safety
+        /// The CPU must support AVX2 and FMA.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn max_slice(xs: &[f32]) -> f32 {
+            let full = xs.len() / 8 * 8;
+            let p = xs.as_ptr();
+            let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut i = 0;
+            while i < full {
+                vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p.add(i)));
+                i += 8;
+            }
+            xs[full..].iter().fold(hmax(vmax), |m, &x| m.max(x))
+        }
+
+        /// `x <- e^(x - shift)` in place; returns the sum of the results.
+        ///
+        /// # Safety
+        /// The CPU must support AVX2 and FMA.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
+            let full = xs.len() / 8 * 8;
+            let p = xs.as_mut_ptr();
+            let vs = _mm256_set1_ps(shift);
+            let mut vsum = _mm256_setzero_ps();
+            let mut i = 0;
+            while i < full {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vs));
+                _mm256_storeu_ps(p.add(i), e);
+                vsum = _mm256_add_ps(vsum, e);
+                i += 8;
+            }
+            let mut sum = hsum(vsum);
+            for x in &mut xs[full..] {
+                *x = (*x - shift).exp();
+                sum += *x;
+            }
+            sum
+        }
+
         /// `e^x` of every element, in place.
         ///
         /// # Safety
@@ -197,7 +254,7 @@ mod simd {
         /// # Safety
         /// The CPU must support AVX2 and FMA; `dst` must be as long as `src`.
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn softmax_row(src: &[f32], dst: &mut [f32]) -> (f32, f32) {
+        pub unsafe fn softmax_row(src: &[f32], dst: &mut [f32]) {
             let n = src.len().min(dst.len());
             let full = n / 8 * 8;
             let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
@@ -214,7 +271,7 @@ mod simd {
             if m == f32::NEG_INFINITY {
                 // Every score masked: what candle gives (0 / 0).
                 dst[..n].iter_mut().for_each(|d| *d = f32::NAN);
-                return (m, 0.0);
+                return;
             }
             let vm = _mm256_set1_ps(m);
             let mut vsum = _mm256_setzero_ps();
@@ -241,7 +298,6 @@ mod simd {
             for d in &mut dst[full..n] {
                 *d *= inv;
             }
-            (m, sum)
         }
     }
 }
@@ -314,5 +370,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The online-softmax helpers: the maximum of slices of every tail length, with `-inf`s
+    /// and all `-inf`; the shifted exponentials and their sum against f64.
+    #[test]
+    fn row_max_and_shifted_exp_sum() {
+        if !simd_available() {
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(5);
+        for n in [0usize, 1, 7, 8, 9, 77, 512] {
+            let x = (rng.randn(n.max(1), &Device::Cpu).unwrap() * 10.0).unwrap();
+            let mut v: Vec<f32> = x.to_vec1().unwrap();
+            v.truncate(n);
+            if n > 3 {
+                v[n - 1] = 1e3;
+                v[2] = f32::NEG_INFINITY;
+            }
+            let expect = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_of(&v), expect, "max of {n}");
+            // Large values capped below e^88's overflow; -inf gives 0 (about 1e-38 here).
+            let shift = 3.0f32;
+            let mut w: Vec<f32> = v.iter().map(|&x| x.min(shift + 80.0)).collect();
+            let reference: Vec<f64> = w.iter().map(|&x| (x as f64 - shift as f64).exp()).collect();
+            let sum = exp_shifted_sum(&mut w, shift);
+            let total: f64 = reference.iter().sum();
+            assert!(
+                (sum as f64 - total).abs() <= 1e-5 * total.max(1e-30),
+                "sum of {n}: {sum} against {total}"
+            );
+            for (a, e) in w.iter().zip(&reference) {
+                assert!(
+                    (*a as f64 - e).abs() <= 1e-5 * e.max(1e-30) + 1e-37,
+                    "{a} against {e}"
+                );
+            }
+        }
+        assert_eq!(max_of(&[f32::NEG_INFINITY; 9]), f32::NEG_INFINITY);
     }
 }

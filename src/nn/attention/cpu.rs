@@ -15,11 +15,16 @@ use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
 
 use crate::nn::{cpu_f32, softmax, Shared, Value};
 
-/// Scores per task: 1 M f32 = 4 MB (256 queries of SD's 4096 keys). Each task has `gemm` pack
-/// all the keys and all the values again, so few tall blocks beat many cache-sized ones: against
-/// 64 K scores (256 KB, L2-resident), the 512 px sampling step took 17-19 s instead of 19.8 s;
-/// 16 M scores was no better than 1 M (back to back, 2-core CPU).
+/// Query rows per task of [`forward`]: as many as 1 M scores of the whole key length give (256
+/// of SD's 4096 keys). Each task has `gemm` pack all the keys and all the values again, so few
+/// tall blocks beat many cache-sized ones: against 64 K scores a task, the 512 px sampling step
+/// took 17-19 s instead of 19.8 s; 16 M was no better than 1 M (back to back, 2-core CPU).
 const TASK_SCORES: usize = 1 << 20;
+
+/// Keys per tile of [`forward`]: a tile of 256 queries' scores is 512 KB, which stays in the
+/// core's L2 cache (1 MB here) from the product that makes it to the one that uses it, where the
+/// whole 256 x 4096 block (4 MB) went out to L3 and back.
+const FORWARD_TILE_K: usize = 512;
 
 /// Batch, heads, query length, key length, head width.
 type Dims = (usize, usize, usize, usize, usize);
@@ -130,44 +135,6 @@ fn rows_per_task(scores: usize, lq: usize, lk: usize) -> usize {
     (scores / lk.max(1)).clamp(1, lq.max(1))
 }
 
-/// `p = softmax(s Q_b K^T + M_b)` for `r` query rows `qb` (`r x d`) and the head's keys `kh`
-/// (`lk x d`), both with rows `st` apart, and the block's `r x lk` rows `mask` of an additive
-/// mask, with each row's log-sum-exp in `lse` (what the backward rebuilds tiles of `p` from).
-///
-/// # Safety
-/// `qb` and `kh` span their matrices, `mask` (if any) `r * lk` values; `p` holds `r * lk` values,
-/// `lse` `r` and `tmp` at least `lk`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_probs(
-    p: &mut [f32],
-    lse: &mut [f32],
-    qb: *const f32,
-    kh: *const f32,
-    st: usize,
-    r: usize,
-    lk: usize,
-    d: usize,
-    scale: f32,
-    mask: Option<*const f32>,
-    tmp: &mut [f32],
-) {
-    gemm(
-        r,
-        lk,
-        d,
-        Mat::rows(p.as_mut_ptr(), lk),
-        false,
-        Mat::rows(qb, st),
-        Mat::transposed(kh, st),
-        scale,
-    );
-    if let Some(m) = mask {
-        let m = std::slice::from_raw_parts(m, r * lk);
-        p.iter_mut().zip(m).for_each(|(x, &m)| *x += m);
-    }
-    softmax::softmax_rows_in_place(p, lk, tmp, lse);
-}
-
 /// A row-major matrix view for [`gemm`]: element `(i, j)` at `ptr + i * rs + j * cs`.
 #[derive(Clone, Copy)]
 struct Mat {
@@ -276,6 +243,7 @@ pub(super) fn forward(
     let (qs, ks, vs, ms) = (p[0], p[1], p[2], p.get(3).copied());
     let rows = rows_per_task(TASK_SCORES, lq, lk);
     let per_head = lq.div_ceil(rows);
+    let tile_k = FORWARD_TILE_K.min(lk);
     let st = lay.stride();
     let mut out = vec![0f32; b * h * lq * d];
     let mut lse = vec![0f32; b * h * lq];
@@ -284,37 +252,81 @@ pub(super) fn forward(
     candle_core::utils::barrier_pool().execute_chunked(b * h * per_head, |tasks| {
         #[allow(clippy::redundant_locals)]
         let (dst, lse_p, qs, ks, vs, ms) = (dst, lse_p, qs, ks, vs, ms);
-        let mut scores = vec![0f32; rows * lk];
-        let mut tmp = vec![0f32; lk];
+        let mut scores = vec![0f32; rows * tile_k];
+        // Per query row: the running maximum and sum of the online softmax.
+        let mut maxes = vec![0f32; rows];
+        let mut sums = vec![0f32; rows];
         for task in tasks {
             let (head, blk) = (task / per_head, task % per_head);
             let r0 = blk * rows;
             let r = rows.min(lq - r0);
-            let s = &mut scores[..r * lk];
             let at = lay.at(head, lq) + r0 * st;
+            let (m, l) = (&mut maxes[..r], &mut sums[..r]);
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
             // SAFETY: the storages are held (`held`) for the whole call and each view spans its
-            // matrix: the queries r x d, the keys lk x d read as K^T, the values lk x d (rows
-            // `st` apart), `s` r x lk; the output rows r0..r0 + r of this head, and their
-            // log-sum-exps, belong to this task alone.
+            // matrix: the queries r x d, a tile's keys c x d read as K^T and its values c x d
+            // (rows `st` apart), the scores r x c; the output rows r0..r0 + r of this head, and
+            // their log-sum-exps, belong to this task alone.
             unsafe {
-                let (qb, kh, vh) = (
+                let (qb, kh, vh, ob) = (
                     qs.0.add(at),
                     ks.0.add(lay.at(head, lk)),
                     vs.0.add(lay.at(head, lk)),
+                    dst.0.add(at),
                 );
-                let mb = ms.map(|m| m.0.add(r0 * lk));
-                let l = std::slice::from_raw_parts_mut(lse_p.0.add(head * lq + r0), r);
-                block_probs(s, l, qb, kh, st, r, lk, d, scale, mb, &mut tmp);
-                gemm(
-                    r,
-                    d,
-                    lk,
-                    Mat::rows(dst.0.add(at), st),
-                    false,
-                    Mat::rows(s.as_ptr(), lk),
-                    Mat::rows(vh, st),
-                    1.0,
-                );
+                let o_row = |i: usize| std::slice::from_raw_parts_mut(ob.add(i * st), d);
+                for c0 in (0..lk).step_by(tile_k) {
+                    let c = tile_k.min(lk - c0);
+                    let s = &mut scores[..r * c];
+                    gemm(
+                        r,
+                        c,
+                        d,
+                        Mat::rows(s.as_mut_ptr(), c),
+                        false,
+                        Mat::rows(qb, st),
+                        Mat::transposed(kh.add(c0 * st), st),
+                        scale,
+                    );
+                    // The online softmax (Milakov & Gimelshein 2018): rescale what the row has
+                    // summed so far to the new maximum, add this tile's exponentials.
+                    for (i, row) in s.chunks_exact_mut(c).enumerate() {
+                        if let Some(mk) = ms {
+                            let mk = std::slice::from_raw_parts(mk.0.add((r0 + i) * lk + c0), c);
+                            row.iter_mut().zip(mk).for_each(|(x, &y)| *x += y);
+                        }
+                        let m_new = m[i].max(softmax::max_of(row));
+                        if m_new == f32::NEG_INFINITY {
+                            // Every key so far masked: nothing to add yet.
+                            row.fill(0.0);
+                            continue;
+                        }
+                        let corr = (m[i] - m_new).exp();
+                        m[i] = m_new;
+                        l[i] = l[i] * corr + softmax::exp_shifted_sum(row, m_new);
+                        if c0 > 0 && corr != 1.0 {
+                            o_row(i).iter_mut().for_each(|x| *x *= corr);
+                        }
+                    }
+                    gemm(
+                        r,
+                        d,
+                        c,
+                        Mat::rows(ob, st),
+                        c0 > 0,
+                        Mat::rows(s.as_ptr(), c),
+                        Mat::rows(vh.add(c0 * st), st),
+                        1.0,
+                    );
+                }
+                let lse_b = std::slice::from_raw_parts_mut(lse_p.0.add(head * lq + r0), r);
+                for i in 0..r {
+                    // A row with every key masked sums to 0 and gives NaN, as candle's softmax.
+                    let inv = 1.0 / l[i];
+                    o_row(i).iter_mut().for_each(|x| *x *= inv);
+                    lse_b[i] = m[i] + l[i].ln();
+                }
             }
         }
     });
