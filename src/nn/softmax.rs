@@ -258,16 +258,7 @@ mod simd {
             let n = src.len().min(dst.len());
             let full = n / 8 * 8;
             let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
-            let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
-            let mut i = 0;
-            while i < full {
-                vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sp.add(i)));
-                i += 8;
-            }
-            let mut m = hmax(vmax);
-            for &s in &src[full..n] {
-                m = m.max(s);
-            }
+            let m = max_slice(&src[..n]);
             if m == f32::NEG_INFINITY {
                 // Every score masked: what candle gives (0 / 0).
                 dst[..n].iter_mut().for_each(|d| *d = f32::NAN);
