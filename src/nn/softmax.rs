@@ -216,21 +216,34 @@ mod simd {
         /// The CPU must support AVX2 and FMA.
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
-            let full = xs.len() / 8 * 8;
             let p = xs.as_mut_ptr();
+            exp_shifted_sum_raw(p, p, xs.len(), shift)
+        }
+
+        /// `dst[i] = e^(src[i] - shift)` for `i < n`; returns the sum of the results. The one
+        /// loop behind [`exp_shifted_sum`] (in place, `src == dst`) and [`softmax_row`].
+        ///
+        /// # Safety
+        /// The CPU must support AVX2 and FMA; `src` must be readable and `dst` writable for `n`
+        /// elements, and the two either the same pointer or not overlapping.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn exp_shifted_sum_raw(src: *const f32, dst: *mut f32, n: usize, shift: f32) -> f32 {
+            let full = n / 8 * 8;
             let vs = _mm256_set1_ps(shift);
             let mut vsum = _mm256_setzero_ps();
             let mut i = 0;
             while i < full {
-                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vs));
-                _mm256_storeu_ps(p.add(i), e);
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(src.add(i)), vs));
+                _mm256_storeu_ps(dst.add(i), e);
                 vsum = _mm256_add_ps(vsum, e);
                 i += 8;
             }
             let mut sum = hsum(vsum);
-            for x in &mut xs[full..] {
-                *x = (*x - shift).exp();
-                sum += *x;
+            for j in full..n {
+                let e = (*src.add(j) - shift).exp();
+                *dst.add(j) = e;
+                sum += e;
             }
             sum
         }
@@ -257,28 +270,14 @@ mod simd {
         pub unsafe fn softmax_row(src: &[f32], dst: &mut [f32]) {
             let n = src.len().min(dst.len());
             let full = n / 8 * 8;
-            let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+            let dp = dst.as_mut_ptr();
             let m = max_slice(&src[..n]);
             if m == f32::NEG_INFINITY {
                 // Every score masked: what candle gives (0 / 0).
                 dst[..n].iter_mut().for_each(|d| *d = f32::NAN);
                 return;
             }
-            let vm = _mm256_set1_ps(m);
-            let mut vsum = _mm256_setzero_ps();
-            let mut i = 0;
-            while i < full {
-                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sp.add(i)), vm));
-                _mm256_storeu_ps(dp.add(i), e);
-                vsum = _mm256_add_ps(vsum, e);
-                i += 8;
-            }
-            let mut sum = hsum(vsum);
-            for j in full..n {
-                let e = (src[j] - m).exp();
-                dst[j] = e;
-                sum += e;
-            }
+            let sum = exp_shifted_sum_raw(src.as_ptr(), dp, n, m);
             let inv = 1.0 / sum;
             let vinv = _mm256_set1_ps(inv);
             let mut i = 0;
