@@ -44,7 +44,21 @@ pub(super) fn forward(
         }
     }
     let rows = x.elem_count() / inp.max(1);
-    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    // The weight as stored: `[out, in]` row-major, or the `[in, out]` buffer behind a transposed
+    // view (see `Linear`); anything else is copied to `[out, in]`.
+    let stored_transposed = weight.t()?.is_contiguous() && !weight.is_contiguous();
+    let x = x.contiguous()?;
+    let weight = if stored_transposed {
+        weight.clone()
+    } else {
+        weight.contiguous()?
+    };
+    // Strides of W^T read as the `inp x out` right-hand side: (column, row).
+    let (w_cs, w_rs) = if stored_transposed {
+        (1, out as isize)
+    } else {
+        (inp as isize, 1)
+    };
     let bias = bias.map(|b| b.contiguous()).transpose()?;
     let residual = residual.map(|r| r.contiguous()).transpose()?;
     // The output starts as the bias and the residual; the product is added onto it.
@@ -66,15 +80,17 @@ pub(super) fn forward(
     {
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = weight.storage_and_layout();
-        let (xv, wv) = (cpu_f32(&xs, xl, "linear")?, cpu_f32(&ws, wl, "linear")?);
+        let xv = cpu_f32(&xs, xl, "linear")?;
+        let wv = weight_f32(&ws, wl, out * inp)?;
         let threads = candle_core::utils::get_num_threads();
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
         } else {
             gemm::Parallelism::None
         };
-        // SAFETY: dst is rows x out (row-major), x rows x inp, and W^T is read as the inp x out
-        // transpose of the row-major out x inp weight; all three slices span these sizes.
+        // SAFETY: dst is rows x out (row-major), x rows x inp, and W^T is read as inp x out
+        // through (w_cs, w_rs) from a buffer of out * inp values in the order those strides
+        // describe; all three slices span these sizes.
         unsafe {
             gemm::gemm(
                 rows,
@@ -88,8 +104,8 @@ pub(super) fn forward(
                 1,
                 inp as isize,
                 wv.as_ptr(),
-                inp as isize,
-                1,
+                w_cs,
+                w_rs,
                 if read_dst { 1.0 } else { 0.0 },
                 1.0,
                 false,
@@ -100,4 +116,22 @@ pub(super) fn forward(
         }
     }
     Ok(Some(Value::Cpu(dst, dims.into())))
+}
+
+/// The `len` f32 values of a weight's buffer from its start offset: the whole of a contiguous
+/// `[out, in]` weight or of the `[in, out]` buffer behind a transposed view.
+fn weight_f32<'a>(
+    st: &'a candle_core::Storage,
+    l: &candle_core::Layout,
+    len: usize,
+) -> Result<&'a [f32]> {
+    match st {
+        candle_core::Storage::Cpu(s) => {
+            let v = s.as_slice::<f32>()?;
+            let a = l.start_offset();
+            v.get(a..a + len)
+                .ok_or_else(|| candle_core::Error::Msg("linear: weight buffer too short".into()))
+        }
+        _ => candle_core::bail!("linear: the weight has to be a CPU tensor"),
+    }
 }
