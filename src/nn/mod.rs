@@ -912,7 +912,7 @@ mod tests {
     /// in f64 with trainable weights: values and input gradients, 2-d and 3-d inputs.
     #[test]
     fn fused_layer_norm_matches_composition() {
-        for shape in [vec![5, 33], vec![2, 7, 48]] {
+        for shape in [vec![5, 33], vec![2, 7, 48], vec![3, 768]] {
             let c = *shape.last().unwrap();
             let x = randn(&shape, 31).affine(3.0, 0.5).unwrap();
             let (w, b) = ((randn(&[c], 32) + 1.0).unwrap(), randn(&[c], 33));

@@ -50,6 +50,78 @@ fn group_stats(xs: &[f32], hw: usize, eps: f64) -> (f32, f32) {
     (mean, (1.0 / (ss / n + eps).sqrt()) as f32)
 }
 
+/// Lanes of the vectorised sums in [`layer_norm_row`] and [`layer_norm_row_backward`].
+const LANES: usize = 16;
+
+/// Sum of `f` over `xs` in [`LANES`] f32 partial sums (one vector register), added in f64.
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v) as f64).sum();
+    for c in chunks {
+        let c: &[f32; LANES] = c.try_into().expect("chunks_exact gives LANES values");
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail
+}
+
+/// One group of one value per channel (a layer norm's row, `hw == 1`): `y = xhat * w + b` and
+/// `(mean, rstd)`. The general loop would treat each value as a one-value channel (its own
+/// affine map, its sum converted to f64 one value at a time); here every pass is a vector loop.
+fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f64, y: &mut [f32]) -> (f32, f32) {
+    let n = x.len() as f64;
+    let mean = (lane_sum(x, |v| v) / n) as f32;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
+    let rstd = (1.0 / (var + eps).sqrt()) as f32;
+    for (((o, &v), &wv), &bv) in y.iter_mut().zip(x).zip(w).zip(b) {
+        *o = (v - mean) * rstd * wv + bv;
+    }
+    (mean, rstd)
+}
+
+/// `dx` of [`layer_norm_row`] into `out`: `gw = g * w`, then
+/// `dx = (gw - mean(gw) - xhat * mean(gw * xhat)) * rstd`.
+fn layer_norm_row_backward(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    (mean, rstd): (f32, f32),
+    out: &mut [f32],
+) {
+    let n = x.len();
+    let (mut a1, mut a2) = ([0f32; LANES], [0f32; LANES]);
+    let full = n - n % LANES;
+    for (((o, xc), gc), wc) in out[..full]
+        .chunks_exact_mut(LANES)
+        .zip(x[..full].chunks_exact(LANES))
+        .zip(g[..full].chunks_exact(LANES))
+        .zip(w[..full].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            let gw = gc[l] * wc[l];
+            o[l] = gw;
+            a1[l] += gw;
+            a2[l] += gw * (xc[l] - mean) * rstd;
+        }
+    }
+    let (mut s1, mut s2) = (
+        a1.iter().map(|&a| a as f64).sum::<f64>(),
+        a2.iter().map(|&a| a as f64).sum::<f64>(),
+    );
+    for i in full..n {
+        let gw = g[i] * w[i];
+        out[i] = gw;
+        s1 += gw as f64;
+        s2 += (gw * (x[i] - mean) * rstd) as f64;
+    }
+    let (m1, m2) = ((s1 / n as f64) as f32, (s2 / n as f64) as f32);
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (*o - m1 - (v - mean) * rstd * m2) * rstd;
+    }
+}
+
 /// `y = act(xhat * w + b)` and the statistics. `x` holds `b * c * hw` values; `w` and `bias`
 /// `c` each.
 pub(super) fn forward(
@@ -70,13 +142,20 @@ pub(super) fn forward(
         let (ys, ss) = (ys, ss);
         for t in tasks {
             let xs = &x[t * glen..(t + 1) * glen];
+            let c0 = (t % d.groups) * cg;
+            if d.hw == 1 && !silu {
+                // SAFETY: group `t`'s output values and its statistics belong to this task alone.
+                let out = unsafe { std::slice::from_raw_parts_mut(ys.0.add(t * glen), glen) };
+                let st = layer_norm_row(xs, &w[c0..c0 + cg], &bias[c0..c0 + cg], eps, out);
+                unsafe { *ss.0.add(t) = st };
+                continue;
+            }
             let (mean, rstd) = group_stats(xs, d.hw, eps);
             // SAFETY: group `t`'s output values and its statistics belong to this task alone.
             let out = unsafe {
                 *ss.0.add(t) = (mean, rstd);
                 std::slice::from_raw_parts_mut(ys.0.add(t * glen), glen)
             };
-            let c0 = (t % d.groups) * cg;
             for (j, (xr, yr)) in xs.chunks(d.hw).zip(out.chunks_mut(d.hw)).enumerate() {
                 // z = x * a + s with the normalisation folded into the affine map.
                 let a = rstd * w[c0 + j];
@@ -122,6 +201,10 @@ pub(super) fn backward(
             let out = unsafe { std::slice::from_raw_parts_mut(ds.0.add(t * glen), glen) };
             let (mean, rstd) = stats[t];
             let c0 = (t % d.groups) * cg;
+            if d.hw == 1 && !silu {
+                layer_norm_row_backward(xs, gs, &w[c0..c0 + cg], (mean, rstd), out);
+                continue;
+            }
             // Pass 1: gw = dz * w into `out`, and the sums of gw and gw * xhat.
             let (mut sum_gw, mut sum_gwx) = (0f64, 0f64);
             for (j, ((xr, gr), or)) in xs
