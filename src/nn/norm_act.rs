@@ -4,7 +4,8 @@
 //! forward and twelve backward, each writing a fresh tensor, and SiLU a few more; SD's ResNet
 //! blocks run it twice per block on their largest maps. Here the forward reads `x` twice
 //! (statistics, then the output) and the backward three times (statistics are kept from the
-//! forward: two floats per group), parallel over (image, group).
+//! forward: two floats per group), parallel over (image, group). Layer norm is the case of one
+//! value per channel (`hw == 1`, a group per row), which has its own vectorised row loops.
 //!
 //! With `xhat = (x - mean) * rstd`, `z = xhat * w + b` and `y = silu(z)` (or `y = z`):
 //! `dz = g * s * (1 + z * (1 - s))` with `s = sigmoid(z)` (or `dz = g`), `gw = dz * w`, and
