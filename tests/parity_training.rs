@@ -110,6 +110,75 @@ fn neti_bypass_contexts_match_reference() {
     );
 }
 
+/// NeTI encodes each prompt once per UNet layer; the copies share the tokens before their first
+/// new token, which `bypass_contexts` runs once per prompt
+/// (`TextEncoder::encode_shared_prefix_pre_ln`). Two prompts x three copies, layer-major as the
+/// trainer lays them out, each copy with its own word vector: keys, values and the gradients to
+/// the word vectors must be those of the plain pass over every row.
+#[test]
+fn neti_prompt_copies_share_their_prefix() {
+    let mut sd = open_tiny_sd();
+    let a = placeholder_ids(&mut sd, "a photo of a <v*>");
+    let b = sd
+        .tokenize("a dark photo of the cool <v*> on the beach")
+        .unwrap();
+    let (copies, d) = (3, sd.text.config.hidden_size);
+    let ids = Tensor::cat(&[&a, &b], 0)
+        .unwrap()
+        .repeat((copies, 1))
+        .unwrap();
+    let rows = ids.dim(0).unwrap();
+    let words = Var::from_tensor(&Tensor::randn(0f32, 0.5, (rows, 1, d), &dev()).unwrap()).unwrap();
+    let byp = Tensor::randn(0f32, 1.0, (rows, d), &dev()).unwrap();
+    let probe = Tensor::randn(0f32, 1.0, (rows, 77, d), &dev()).unwrap();
+    let loss = |k: &Tensor, v: &Tensor| {
+        ((k * &probe).unwrap().sum_all().unwrap() + (v * &probe).unwrap().sum_all().unwrap())
+            .unwrap()
+    };
+
+    let (k, v) = bypass_contexts(
+        &sd.text,
+        &ids,
+        words.as_tensor(),
+        std::slice::from_ref(&byp),
+        0.2,
+    )
+    .unwrap();
+    let g = loss(&k, &v).backward().unwrap();
+    let g = g.get(words.as_tensor()).unwrap().clone();
+
+    // The plain pass: every row through the whole encoder, the bypass at each row's <v*>.
+    let e = sd
+        .text
+        .encode_embeddings_pre_ln(&sd.text.embed_tokens(&ids, Some(words.as_tensor())).unwrap())
+        .unwrap();
+    let vocab = sd.text.config.vocab_size as u32;
+    let pos: Vec<usize> = ids
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2::<u32>()
+        .unwrap()
+        .iter()
+        .map(|r| r.iter().position(|&i| i >= vocab).unwrap())
+        .collect();
+    assert!(
+        pos.iter().all(|&p| p >= 5),
+        "the prompts have a prefix to share"
+    );
+    let k_ref = sd.text.final_layer_norm(&e).unwrap();
+    let v_ref = sd
+        .text
+        .final_layer_norm(&bypass(&e, &pos, &byp, 0.2).unwrap())
+        .unwrap();
+    let g_ref = loss(&k_ref, &v_ref).backward().unwrap();
+    let g_ref = g_ref.get(words.as_tensor()).unwrap();
+
+    assert_close("keys", &k, &k_ref, 1e-4, 1e-5);
+    assert_close("values", &v, &v_ref, 1e-4, 1e-5);
+    assert_close("gradient to the word vectors", &g, g_ref, 1e-4, 1e-5);
+    assert!(max_abs(g_ref) > 0.0);
+}
+
 /// The UNet's noise prediction for the TI step with the two new rows `rows` spliced in.
 fn ti_prediction(sd: &StableDiffusion, g: &HashMap<String, Tensor>, rows: &Tensor) -> Tensor {
     let scale = golden_json()["vae.scaling_factor"].as_f64().unwrap();

@@ -118,6 +118,39 @@ fn encode_neti(
     })
 }
 
+/// The text encoder's hidden states before its final layer norm for the embeddings `emb`
+/// `[R, S, D]` of the token rows `ids`: rows with the same ids (NeTI's copies of one prompt, one
+/// per UNet layer) go through [`TextEncoder::encode_shared_prefix_pre_ln`] together, which runs
+/// the tokens before their first new token once for all of them; the result is in `ids`' order.
+pub fn encode_by_prompt(te: &TextEncoder, ids: &[Vec<u32>], emb: &Tensor) -> Result<Tensor> {
+    let vocab = te.config.vocab_size as u32;
+    let mut groups: Vec<(&[u32], Vec<u32>)> = Vec::new();
+    for (r, row) in ids.iter().enumerate() {
+        match groups.iter_mut().find(|(k, _)| *k == row.as_slice()) {
+            Some((_, rows)) => rows.push(r as u32),
+            None => groups.push((row, vec![r as u32])),
+        }
+    }
+    if groups.len() == ids.len() {
+        return te.encode_embeddings_pre_ln(emb);
+    }
+    let dev = emb.device();
+    let mut parts = Vec::with_capacity(groups.len());
+    let mut order = Vec::with_capacity(ids.len());
+    for (key, rows) in &groups {
+        let prefix = key.iter().position(|&i| i >= vocab).unwrap_or(key.len());
+        let members = emb.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
+        parts.push(te.encode_shared_prefix_pre_ln(&members, prefix)?);
+        order.extend_from_slice(rows);
+    }
+    // Row r of the result is row inv[r] of the groups' concatenation.
+    let mut inv = vec![0u32; ids.len()];
+    for (k, &r) in order.iter().enumerate() {
+        inv[r as usize] = k as u32;
+    }
+    Tensor::cat(&parts, 0)?.index_select(&Tensor::new(inv, dev)?, 0)
+}
+
 /// Key and value contexts `[R, S, D]` for ids `[R, S]` whose new tokens take their word vectors
 /// from `extra` `[R, n_new, D]`: keys `final_ln(E)`, values `final_ln(E')` where `E'` adds NeTI's
 /// bypass `alpha * b/|b| * |e|` at every position of new token j, with `b = bypasses[j][row]`.
@@ -134,7 +167,7 @@ pub fn bypass_contexts(
     let vocab = te.config.vocab_size as u32;
     let dev = te.device().clone();
     let emb = te.embed_tokens(ids, Some(extra))?;
-    let e = te.encode_embeddings_pre_ln(&emb)?;
+    let e = encode_by_prompt(te, &ids.to_dtype(candle_core::DType::U32)?.to_vec2()?, &emb)?;
     let keys = te.final_layer_norm(&e)?;
     let flat_ids: Vec<u32> = ids
         .flatten_all()?

@@ -71,6 +71,40 @@ impl Attention {
             residual,
         )
     }
+
+    /// [`Self::forward_residual`] for sequences split into a prefix `xp` `[1, P, D]` that every
+    /// sequence shares and their own rows `xs` `[B, S, D]`: the prefix attends to itself, each
+    /// sequence's rows to the prefix's keys and values followed by their own. Each with its
+    /// residual added.
+    fn forward_split_residual(
+        &self,
+        (xp, xs): (&Tensor, &Tensor),
+        (mask_p, mask_s): (&Tensor, &Tensor),
+        (rp, rs): (&Tensor, &Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, p, d) = (xs.dim(0)?, xp.dim(1)?, xp.dim(2)?);
+        let (qp, kp, vp) = (
+            self.q.forward(xp)?,
+            self.k.forward(xp)?,
+            self.v.forward(xp)?,
+        );
+        let (qs, ks, vs) = (
+            self.q.forward(xs)?,
+            self.k.forward(xs)?,
+            self.v.forward(xs)?,
+        );
+        let yp = nn::attention_merged(&qp, &kp, &vp, self.heads, Some(mask_p))?;
+        // The prefix's keys and values carry no graph; copied per sequence, then each
+        // sequence's own follow.
+        let per_seq = |t: &Tensor| t.broadcast_as((b, p, d))?.contiguous();
+        let k_all = Tensor::cat(&[&per_seq(&kp)?, &ks], 1)?;
+        let v_all = Tensor::cat(&[&per_seq(&vp)?, &vs], 1)?;
+        let ys = nn::attention_merged(&qs, &k_all, &v_all, self.heads, Some(mask_s))?;
+        Ok((
+            self.out.forward_residual(&yp, rp)?,
+            self.out.forward_residual(&ys, rs)?,
+        ))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -105,13 +139,34 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let h = self.attn.forward_residual(&self.ln1.forward(x)?, mask, x)?;
-        let m = self.fc1.forward(&self.ln2.forward(&h)?)?;
+        self.mlp_residual(&h)
+    }
+
+    /// The MLP half of the layer on `h`, plus `h`.
+    fn mlp_residual(&self, h: &Tensor) -> Result<Tensor> {
+        let m = self.fc1.forward(&self.ln2.forward(h)?)?;
         let m = if self.quick_gelu {
             nn::quick_gelu(&m)?
         } else {
             m.gelu_erf()?
         };
-        self.fc2.forward_residual(&m, &h)
+        self.fc2.forward_residual(&m, h)
+    }
+
+    /// [`Self::forward`] on a shared prefix `xp` `[1, P, D]` and the sequences' own rows `xs`
+    /// `[B, S, D]` (see [`TextEncoder::encode_shared_prefix_pre_ln`]).
+    fn forward_split(
+        &self,
+        xp: &Tensor,
+        xs: &Tensor,
+        masks: (&Tensor, &Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let (hp, hs) = self.attn.forward_split_residual(
+            (&self.ln1.forward(xp)?, &self.ln1.forward(xs)?),
+            masks,
+            (xp, xs),
+        )?;
+        Ok((self.mlp_residual(&hp)?, self.mlp_residual(&hs)?))
     }
 }
 
@@ -241,6 +296,30 @@ impl TextEncoder {
         Ok(x)
     }
 
+    /// [`Self::encode_embeddings_pre_ln`] for sequences `[B, L, D]` whose first `prefix` rows
+    /// are the same in all of them and hold no learned row (NeTI runs each prompt once per UNet
+    /// layer, and its copies differ from the first new token on). The attention is causal, so
+    /// those rows' hidden states are the same in every sequence too: they are computed once,
+    /// without a graph, and the other rows attend to them. Same values as the plain pass; the
+    /// text encoder's work shrinks by `prefix / L` (NeTI's prompts: about 7 of 77 rows).
+    pub fn encode_shared_prefix_pre_ln(&self, embeds: &Tensor, prefix: usize) -> Result<Tensor> {
+        let (b, l, d) = embeds.dims3()?;
+        if prefix == 0 || prefix >= l || b < 2 {
+            return self.encode_embeddings_pre_ln(embeds);
+        }
+        let pos = self.position_embedding.narrow(0, 0, l)?;
+        let x = nn::broadcast_add(embeds, &pos.to_dtype(embeds.dtype())?)?;
+        let mut xp = x.narrow(0, 0, 1)?.narrow(1, 0, prefix)?.detach();
+        let mut xs = x.narrow(1, prefix, l - prefix)?;
+        let dev = self.device();
+        let mask_p = causal_mask(prefix, dev)?.to_dtype(embeds.dtype())?;
+        let mask_s = causal_mask_from(prefix, l, dev)?.to_dtype(embeds.dtype())?;
+        for layer in &self.layers {
+            (xp, xs) = layer.forward_split(&xp, &xs, (&mask_p, &mask_s))?;
+        }
+        Tensor::cat(&[&xp.broadcast_as((b, prefix, d))?.contiguous()?, &xs], 1)
+    }
+
     pub fn final_layer_norm(&self, x: &Tensor) -> Result<Tensor> {
         self.final_ln.forward(x)
     }
@@ -267,8 +346,14 @@ impl TextEncoder {
 
 /// Additive causal mask `[1, 1, L, L]`: 0 on and below the diagonal, -inf above.
 fn causal_mask(l: usize, dev: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..l)
+    causal_mask_from(0, l, dev)
+}
+
+/// The rows `from..L` of the `L x L` causal mask: `[1, 1, L - from, L]`, query `i` (position
+/// `from + i`) seeing keys `0..=from + i`.
+fn causal_mask_from(from: usize, l: usize, dev: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (from..l)
         .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Tensor::from_vec(v, (1, 1, l, l), dev)
+    Tensor::from_vec(v, (1, 1, l - from, l), dev)
 }
