@@ -550,12 +550,14 @@ pub struct CaseResult {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Build the models and run `case` at `size` `runs` times.
+/// Build the models, run `case` at `size` `warmup` times untimed (the first step also touches
+/// every weight and grows the allocator's heap; PyTorch's script warms up the same way), then
+/// `runs` times timed.
 pub fn measure(
     cfgs: &BenchConfigs,
     case: Case,
     size: usize,
-    runs: usize,
+    (warmup, runs): (usize, usize),
     seed: u64,
     device: &Device,
 ) -> anyhow::Result<CaseResult> {
@@ -568,6 +570,9 @@ pub fn measure(
             let models = BenchModels::random(&cfgs.text, &cfgs.unet, seed, device)?;
             let inputs = CaseInputs::new(&models, case, size, seed)?;
             let build_s = start.elapsed().as_secs_f64();
+            for _ in 0..warmup {
+                run_once(&models, &inputs)?;
+            }
             let mut all = Vec::with_capacity(runs);
             for _ in 0..runs {
                 all.push(run_once(&models, &inputs)?);
@@ -589,11 +594,14 @@ pub fn measure(
             let mut trainer = Trainer::new(&sd, settings, &subject.subject, &subject.root)?;
             let build_s = start.elapsed().as_secs_f64();
             let mut all = Vec::with_capacity(runs);
-            for _ in 0..runs {
+            for i in 0..warmup + runs {
                 let cpu0 = process_cpu_seconds();
                 let log = device.with_context(|| trainer.train_step())?;
                 if !log.loss.is_finite() {
                     anyhow::bail!("the {} loss is not finite", case.name());
+                }
+                if i < warmup {
+                    continue;
                 }
                 let (forward_s, backward_s) = trainer.last_step_seconds;
                 all.push(RunTimes {
@@ -749,7 +757,7 @@ mod tests {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
         let cfgs = BenchConfigs::from_dir(&root).unwrap();
         for case in Case::ALL {
-            let r = measure(&cfgs, case, 64, 2, 1, &Device::Cpu).unwrap();
+            let r = measure(&cfgs, case, 64, (1, 2), 1, &Device::Cpu).unwrap();
             assert_eq!(r.runs.len(), 2);
             assert!(r.median_s > 0.0);
             assert_eq!(r.median_backward_s > 0.0, case.trains());

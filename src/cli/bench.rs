@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Runs per case; the table reports the median.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Untimed runs before them, in the same process (first touch of the weights, the
+    /// allocator's growth), as `scripts/pytorch-bench.py` does; 0 times the cold first step too.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -80,6 +84,8 @@ struct Report {
     device: String,
     threads: usize,
     runs: usize,
+    /// Untimed runs before the timed ones, per case.
+    warmup: usize,
     seed: u64,
     weights: String,
     rows: Vec<Row>,
@@ -130,7 +136,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .size
             .context("--case needs --size (it is set by the bench itself)")?;
         let device = args.common.device()?;
-        let r = bench::measure(&cfgs, case, size, args.runs, seed, &device)
+        let r = bench::measure(&cfgs, case, size, (args.warmup, args.runs), seed, &device)
             .with_context(|| format!("bench case {} at {size} px", case.name()))?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -140,8 +146,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for &size in &args.sizes {
         for &case in &args.cases {
             eprintln!(
-                "bench: {} at {size} px, {} runs ...",
+                "bench: {} at {size} px, {} warm-up + {} timed runs ...",
                 case.name(),
+                args.warmup,
                 args.runs
             );
             let mut row = run_child(args, case, size)?;
@@ -159,6 +166,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         device: args.common.device.clone().unwrap_or_else(|| "cpu".into()),
         threads: candle_core::utils::get_num_threads(),
         runs: args.runs,
+        warmup: args.warmup,
         seed,
         weights: format!(
             "random, uniform with std {} (norm layers 1/0), f32",
@@ -174,7 +182,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "ratio = ours / PyTorch 2.15 (* = measured beside ours, from --pytorch; else SPEC.md §7, same 2-core machine, idle); cpu = CPU seconds of all threads; peak = VmHWM of the case's process, weights included; load = 1-min load average at the start; ti+ and neti+ are whole `train` steps at batch 1 (UNet on 3 prompt pools, AdamW)"
+        "median of the timed runs, after {} untimed warm-up run(s) per case; ratio = ours / PyTorch 2.15 (* = measured beside ours, from --pytorch; else SPEC.md §7, same 2-core machine, idle); cpu = CPU seconds of all threads; peak = VmHWM of the case's process, weights included; load = 1-min load average at the start; ti+ and neti+ are whole `train` steps at batch 1 (UNet on 3 prompt pools, AdamW)",
+        report.warmup
     )?;
     for r in &report.neti_plus_over_ti_plus {
         writeln!(
@@ -212,6 +221,7 @@ fn run_child(args: &BenchArgs, case: Case, size: usize) -> Result<Row> {
         .args(["--case", case.name()])
         .args(["--size", &size.to_string()])
         .args(["--runs", &args.runs.to_string()])
+        .args(["--warmup", &args.warmup.to_string()])
         .args(["--seed", &args.common.seed.unwrap_or(0).to_string()]);
     if let Some(d) = &args.common.device {
         cmd.args(["--device", d]);
@@ -433,6 +443,17 @@ mod tests {
         assert_eq!(w.b.sizes, vec![256, 512]);
         assert_eq!(w.b.cases, Case::ALL.to_vec());
         assert_eq!(w.b.runs, 3);
+        assert_eq!(
+            w.b.warmup, 1,
+            "one untimed run per case, as the PyTorch script"
+        );
+        assert_eq!(
+            Wrap::try_parse_from(["x", "--warmup", "0"])
+                .unwrap()
+                .b
+                .warmup,
+            0
+        );
         let w =
             Wrap::try_parse_from(["x", "--sizes", "128", "--cases", "ti,sample", "--runs", "1"])
                 .unwrap();
