@@ -120,7 +120,7 @@ fn encode_neti(
 
 /// The text encoder's hidden states before its final layer norm for the embeddings `emb`
 /// `[R, S, D]` of the token rows `ids`: rows with the same ids (NeTI's copies of one prompt, one
-/// per UNet layer) go through [`TextEncoder::encode_shared_prefix_pre_ln`] together, which runs
+/// per UNet layer) go through `TextEncoder::encode_shared_prefix_pre_ln` together, which runs
 /// the tokens before their first new token once for all of them; the result is in `ids`' order.
 pub fn encode_by_prompt(te: &TextEncoder, ids: &[Vec<u32>], emb: &Tensor) -> Result<Tensor> {
     let vocab = te.config.vocab_size as u32;

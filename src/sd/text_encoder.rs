@@ -302,7 +302,11 @@ impl TextEncoder {
     /// those rows' hidden states are the same in every sequence too: they are computed once,
     /// without a graph, and the other rows attend to them. Same values as the plain pass; the
     /// text encoder's work shrinks by `prefix / L` (NeTI's prompts: about 7 of 77 rows).
-    pub fn encode_shared_prefix_pre_ln(&self, embeds: &Tensor, prefix: usize) -> Result<Tensor> {
+    pub(crate) fn encode_shared_prefix_pre_ln(
+        &self,
+        embeds: &Tensor,
+        prefix: usize,
+    ) -> Result<Tensor> {
         let (b, l, d) = embeds.dims3()?;
         if prefix == 0 || prefix >= l || b < 2 {
             return self.encode_embeddings_pre_ln(embeds);
