@@ -456,7 +456,9 @@ fn run_timed(models: &BenchModels, inputs: &CaseInputs) -> Result<RunTimes> {
             let word = out_rows.narrow(1, 0, d)?.unsqueeze(1)?; // [16, 1, D]
             let bypass = out_rows.narrow(1, d, d)?; // [16, D]
             let emb = te.embed_tokens(&inputs.ids, Some(&word))?;
-            let e = te.encode_embeddings_pre_ln(&emb)?; // [16, 77, D]
+            // The 16 copies of the prompt share their rows before <v*>, as in the trainer.
+            let ids: Vec<Vec<u32>> = inputs.ids.to_dtype(DType::U32)?.to_vec2()?;
+            let e = crate::personalize::concept::encode_by_prompt(te, &ids, &emb)?; // [16, 77, D]
             let pos = vec![inputs.placeholder_pos; layers];
             let keys = te.final_layer_norm(&e)?;
             let values = te.final_layer_norm(&neti::bypass(&e, &pos, &bypass, NETI_ALPHA)?)?;
