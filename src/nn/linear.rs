@@ -44,20 +44,14 @@ pub(super) fn forward(
         }
     }
     let rows = x.elem_count() / inp.max(1);
-    // The weight as stored: `[out, in]` row-major, or the `[in, out]` buffer behind a transposed
-    // view (see `Linear`); anything else is copied to `[out, in]`.
-    let stored_transposed = weight.t()?.is_contiguous() && !weight.is_contiguous();
+    // The weight's buffer as stored, with the strides that read W^T from it as the `inp x out`
+    // right-hand side (column, row): the `[in, out]` buffer behind a transposed view (see
+    // `Linear`), else `[out, in]` row-major (copied so where it is neither).
     let x = x.contiguous()?;
-    let weight = if stored_transposed {
-        weight.clone()
+    let (w_buf, (w_cs, w_rs)) = if !weight.is_contiguous() && weight.t()?.is_contiguous() {
+        (weight.t()?, (1, out as isize))
     } else {
-        weight.contiguous()?
-    };
-    // Strides of W^T read as the `inp x out` right-hand side: (column, row).
-    let (w_cs, w_rs) = if stored_transposed {
-        (1, out as isize)
-    } else {
-        (inp as isize, 1)
+        (weight.contiguous()?, (inp as isize, 1))
     };
     let bias = bias.map(|b| b.contiguous()).transpose()?;
     let residual = residual.map(|r| r.contiguous()).transpose()?;
@@ -79,9 +73,8 @@ pub(super) fn forward(
     let read_dst = bias.is_some() || residual.is_some();
     {
         let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = weight.storage_and_layout();
-        let xv = cpu_f32(&xs, xl, "linear")?;
-        let wv = weight_f32(&ws, wl, out * inp)?;
+        let (ws, wl) = w_buf.storage_and_layout();
+        let (xv, wv) = (cpu_f32(&xs, xl, "linear")?, cpu_f32(&ws, wl, "linear")?);
         let threads = candle_core::utils::get_num_threads();
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
@@ -116,22 +109,4 @@ pub(super) fn forward(
         }
     }
     Ok(Some(Value::Cpu(dst, dims.into())))
-}
-
-/// The `len` f32 values of a weight's buffer from its start offset: the whole of a contiguous
-/// `[out, in]` weight or of the `[in, out]` buffer behind a transposed view.
-fn weight_f32<'a>(
-    st: &'a candle_core::Storage,
-    l: &candle_core::Layout,
-    len: usize,
-) -> Result<&'a [f32]> {
-    match st {
-        candle_core::Storage::Cpu(s) => {
-            let v = s.as_slice::<f32>()?;
-            let a = l.start_offset();
-            v.get(a..a + len)
-                .ok_or_else(|| candle_core::Error::Msg("linear: weight buffer too short".into()))
-        }
-        _ => candle_core::bail!("linear: the weight has to be a CPU tensor"),
-    }
 }
