@@ -167,20 +167,19 @@ pub fn bypass_contexts(
     let vocab = te.config.vocab_size as u32;
     let dev = te.device().clone();
     let emb = te.embed_tokens(ids, Some(extra))?;
-    let e = encode_by_prompt(te, &ids.to_dtype(candle_core::DType::U32)?.to_vec2()?, &emb)?;
+    let id_rows: Vec<Vec<u32>> = ids.to_dtype(candle_core::DType::U32)?.to_vec2()?;
+    let e = encode_by_prompt(te, &id_rows, &emb)?;
     let keys = te.final_layer_norm(&e)?;
-    let flat_ids: Vec<u32> = ids
-        .flatten_all()?
-        .to_dtype(candle_core::DType::U32)?
-        .to_vec1()?;
     let mut entries = Vec::new(); // (row, position, token index)
-    for (k, &id) in flat_ids.iter().enumerate() {
-        if id >= vocab {
-            let j = (id - vocab) as usize;
-            if j >= bypasses.len() {
-                candle_core::bail!("token id {id} has no bypass vector");
+    for (row, ids_row) in id_rows.iter().enumerate() {
+        for (p, &id) in ids_row.iter().enumerate() {
+            if id >= vocab {
+                let j = (id - vocab) as usize;
+                if j >= bypasses.len() {
+                    candle_core::bail!("token id {id} has no bypass vector");
+                }
+                entries.push((row, p, j));
             }
-            entries.push((k / s, k % s, j));
         }
     }
     let values_pre = if entries.is_empty() {
