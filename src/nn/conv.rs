@@ -276,6 +276,50 @@ fn conv_strided_input_grad(
     }
 }
 
+/// `g` `[B, O, H, W]` with `s - 1` zeros between neighbours along H and W:
+/// `[B, O, (H - 1) s + 1, (W - 1) s + 1]`.
+fn dilate(g: &Tensor, s: usize) -> Result<Tensor> {
+    let (b, o, h, w) = g.dims4()?;
+    if s == 1 {
+        return Ok(g.clone());
+    }
+    let (hd, wd) = ((h - 1) * s + 1, (w - 1) * s + 1);
+    let zeros_w = Tensor::zeros((b, o, h, w, s - 1), g.dtype(), g.device())?;
+    let along_w = Tensor::cat(&[&g.unsqueeze(4)?, &zeros_w], 4)?
+        .reshape((b, o, h, w * s))?
+        .narrow(3, 0, wd)?;
+    let zeros_h = Tensor::zeros((b, o, h, s - 1, wd), g.dtype(), g.device())?;
+    Tensor::cat(&[&along_w.unsqueeze(3)?, &zeros_h], 3)?
+        .reshape((b, o, h * s, wd))?
+        .narrow(2, 0, hd)
+}
+
+/// Input gradient of a strided convolution as a stride-1 correlation with the kernel flipped
+/// and transposed, over `g` dilated by the stride (zeros between its values) and padded at the
+/// bottom and right by what the forward's floor division dropped. It wastes the products with
+/// the zeros, but it runs on the im2col + matrix product path, where candle's CUDA transposed
+/// convolution is a naive kernel. Needs `pad < k`.
+fn conv_strided_input_grad_dilated(
+    g: &Tensor,
+    weight: &Tensor,
+    x_dims: (usize, usize),
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let (h, w) = x_dims;
+    let (_, _, gh, gw) = g.dims4()?;
+    let (o, c, k, _) = weight.dims4()?;
+    let full = |gi: usize| (gi - 1) * stride + k;
+    let gd = dilate(&g.contiguous()?, stride)?
+        .pad_with_zeros(2, 0, (h + 2 * pad).saturating_sub(full(gh)))?
+        .pad_with_zeros(3, 0, (w + 2 * pad).saturating_sub(full(gw)))?;
+    let wt = weight
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((c, o * k * k))?;
+    correlate(&gd, &wt, k, k - 1 - pad, true)?.contiguous()
+}
+
 /// `conv2d(x, weight) + bias` with a frozen `weight` `[O, C, k, k]` (square kernel, square
 /// padding, dilation 1, one group); differentiable in `x` only.
 pub fn conv2d_frozen(
@@ -321,8 +365,10 @@ pub fn conv2d_frozen(
         Box::new(move |_, _, g| {
             let dx = if stride == 1 {
                 conv_s1_input_grad(g, &weight, gm)?
-            } else {
+            } else if g.device().is_cpu() || pad >= k {
                 conv_strided_input_grad(g, &weight, (h, w), stride, pad)?
+            } else {
+                conv_strided_input_grad_dilated(g, &weight, (h, w), stride, pad)?
             };
             Ok(vec![Some(dx)])
         }),
@@ -400,6 +446,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The dilated strided gradient (the GPU's) equals the transposed convolution's (the CPU's)
+    /// for strides 2 and 3, paddings 0 and 1, and H and W of either parity.
+    #[test]
+    fn dilated_strided_gradient_matches_transposed_convolution() {
+        // (b, c, o, h, w, k, stride, pad)
+        let cases = [
+            (1, 3, 4, 8, 8, 3, 2, 1),
+            (2, 2, 3, 7, 8, 3, 2, 1),
+            (1, 2, 5, 9, 6, 3, 2, 0),
+            (1, 3, 2, 10, 11, 3, 3, 1),
+            (2, 4, 3, 6, 6, 1, 2, 0),
+        ];
+        for (i, &(b, c, o, h, w, k, stride, pad)) in cases.iter().enumerate() {
+            let wgt = randn(&[o, c, k, k], 50 + i as u64);
+            let (gh, gw) = (
+                (h + 2 * pad - k) / stride + 1,
+                (w + 2 * pad - k) / stride + 1,
+            );
+            let g = randn(&[b, o, gh, gw], 60 + i as u64);
+            let dilated = conv_strided_input_grad_dilated(&g, &wgt, (h, w), stride, pad).unwrap();
+            let transposed = conv_strided_input_grad(&g, &wgt, (h, w), stride, pad).unwrap();
+            assert_eq!(dilated.dims(), &[b, c, h, w], "case {i}");
+            assert!(max_diff(&dilated, &transposed) < 1e-12, "case {i}");
+        }
+        let g = randn(&[1, 1, 2, 3], 1);
+        let d: Vec<f64> = dilate(&g, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let v: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(
+            d,
+            [v[0], 0., v[1], 0., v[2], 0., 0., 0., 0., 0., v[3], 0., v[4], 0., v[5]]
+        );
     }
 
     /// Bands of rows give the same result as one pass over the whole map.
