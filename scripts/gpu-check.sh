@@ -4,11 +4,14 @@
 # read tests/fixtures and data/).
 #
 #   scripts/gpu-check.sh [--dist .cuda/dist] [--out DIR] [--sizes 256,512] [--runs 3]
-#                        [--device cuda:0] [--skip-bench]
+#                        [--device cuda:0] [--dtypes f32,bf16] [--skip-bench]
 #
-# Writes to OUT (default: $OUT if set, else gpu-check-out): parity.log, bench.json, bench.log,
-# gpu-memory.csv (nvidia-smi samples every 200 ms during the benchmark: the peak GPU memory of
-# each case, which the benchmark's resident-memory column does not see) and summary.txt.
+# Writes to OUT (default: $OUT if set, else gpu-check-out): parity.log, bench-DTYPE.json and
+# bench-DTYPE.log per model precision (--dtypes: default f32 and bf16 on a GPU, f32 on the CPU),
+# gpu-memory-DTYPE.csv (nvidia-smi samples every 200 ms during the benchmark: the peak GPU
+# memory of each case, which the benchmark's resident-memory column does not see) and
+# summary.txt. The parity run includes tests/half_precision.rs, which trains and samples the
+# tiny model in bf16 on the GPU against f32.
 # The CUDA libraries besides the driver's libcuda.so.1 (cuBLAS, cuBLASLt, cuRAND, NVRTC, and
 # the CUDA runtime, version 13) are looked up in CUDA_LIB_DIRS, then in any Python
 # site-packages (PyTorch's nvidia/cu13 wheels) and the usual toolkit folders.
@@ -23,6 +26,7 @@ out="${OUT:-gpu-check-out}"
 sizes="256,512"
 runs=3
 device="cuda:0"
+dtypes=""
 bench=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -31,11 +35,15 @@ while [[ $# -gt 0 ]]; do
         --sizes) sizes="$2"; shift 2 ;;
         --runs) runs="$2"; shift 2 ;;
         --device) device="$2"; shift 2 ;;
+        --dtypes) dtypes="$2"; shift 2 ;;
         --skip-bench) bench=0; shift ;;
-        -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
+if [[ -z "$dtypes" ]]; then
+    if [[ "$device" == cpu ]]; then dtypes="f32"; else dtypes="f32,bf16"; fi
+fi
 mkdir -p "$out"
 out=$(cd "$out" && pwd -P)
 summary="$out/summary.txt"
@@ -84,20 +92,24 @@ parity=${PIPESTATUS[0]}
 say "parity on $device: $(grep -E '^test result' "$out/parity.log" | tail -n 1) (exit $parity)"
 grep -E "max err" "$out/parity.log" >"$out/parity-errors.txt" || true
 
-# 2. The benchmark, sampling the GPU's memory meanwhile.
+# 2. The benchmark in each precision, sampling the GPU's memory meanwhile.
 if [[ $bench == 1 ]]; then
-    smi=""
-    if command -v nvidia-smi >/dev/null && [[ "$device" != cpu ]]; then
-        nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 200 >"$out/gpu-memory.csv" &
-        smi=$!
-    fi
-    "$bin/attractor" bench --device "$device" --sizes "$sizes" --runs "$runs" --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
-    benchrc=${PIPESTATUS[0]}
-    [[ -n "$smi" ]] && kill "$smi" 2>/dev/null
-    say "bench exit $benchrc"
-    if [[ -s "$out/gpu-memory.csv" ]]; then
-        say "peak GPU memory during the benchmark: $(awk -F', ' '$2 > m {m = $2} END {print m}' "$out/gpu-memory.csv") MiB"
-    fi
+    for dtype in ${dtypes//,/ }; do
+        smi=""
+        mem="$out/gpu-memory-$dtype.csv"
+        if command -v nvidia-smi >/dev/null && [[ "$device" != cpu ]]; then
+            nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 200 >"$mem" &
+            smi=$!
+        fi
+        "$bin/attractor" bench --device "$device" --dtype "$dtype" --sizes "$sizes" --runs "$runs" \
+            --json "$out/bench-$dtype.json" 2>&1 | tee "$out/bench-$dtype.log"
+        benchrc=${PIPESTATUS[0]}
+        [[ -n "$smi" ]] && kill "$smi" 2>/dev/null
+        say "bench ($dtype) exit $benchrc"
+        if [[ -s "$mem" ]]; then
+            say "peak GPU memory during the $dtype benchmark: $(awk -F', ' '$2 > m {m = $2} END {print m}' "$mem") MiB"
+        fi
+    done
 fi
 rm -rf "$work"
 [[ $parity == 0 ]]

@@ -213,14 +213,14 @@ impl RandomWeights {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }
 
-    /// The f32 weights of one model part (`"unet"`, ...) of the models seeded `seed`, at
-    /// [`DEFAULT_STD`]: each part draws from its own stream.
-    pub fn part(seed: u64, part: &str, device: &Device) -> VarBuilder<'static> {
+    /// The weights, in `dtype`, of one model part (`"unet"`, ...) of the models seeded `seed`,
+    /// at [`DEFAULT_STD`]: each part draws from its own stream (drawn in f32, then cast).
+    pub fn part(seed: u64, part: &str, dtype: DType, device: &Device) -> VarBuilder<'static> {
         RandomWeights {
             seed: Rng::derive_seed(&[&seed.to_string(), part]),
             std: DEFAULT_STD,
         }
-        .var_builder(DType::F32, device)
+        .var_builder(dtype, device)
     }
 
     fn values(&self, name: &str, n: usize) -> Vec<f32> {
@@ -277,14 +277,14 @@ pub struct BenchModels {
 }
 
 impl BenchModels {
-    /// Build the text encoder and the UNet from their configs with [`RandomWeights`].
+    /// Build the text encoder and the UNet from their configs with [`RandomWeights`] in `dtype`.
     pub fn random(
         text_cfg: &TextConfig,
         unet_cfg: &UNetConfig,
         seed: u64,
-        device: &Device,
+        (device, dtype): (&Device, DType),
     ) -> Result<Self> {
-        let weights = |part| RandomWeights::part(seed, part, device);
+        let weights = |part| RandomWeights::part(seed, part, dtype, device);
         Ok(Self {
             text_encoder: TextEncoder::new(weights("text_encoder"), text_cfg)?,
             unet: UNet::new(weights("unet"), unet_cfg)?,
@@ -364,7 +364,8 @@ impl CaseInputs {
         let batch = if case == Case::Sample { 2 } else { 1 };
         let h = size / 8;
         let c = models.unet.config.in_channels;
-        let latents = rng.randn((batch, c, h, h), &dev)?;
+        let dtype = models.unet.dtype();
+        let latents = rng.randn((batch, c, h, h), &dev)?.to_dtype(dtype)?;
         let target = rng.randn((batch, models.unet.config.out_channels, h, h), &dev)?;
         let t = Tensor::from_vec(vec![500u32; batch], batch, &dev)?;
         // "a photo of a <v*>": BOS, four words, the placeholder, EOS padding (CLIP's ids).
@@ -381,7 +382,7 @@ impl CaseInputs {
             Case::Neti => (rng.randn((layers, 2 * d), &dev)? * 0.02)?,
             _ => (rng.randn((1, d), &dev)? * 0.02)?,
         };
-        let context = rng.randn((2, len, d), &dev)?;
+        let context = rng.randn((2, len, d), &dev)?.to_dtype(dtype)?;
         Ok(Self {
             case,
             latents,
@@ -446,7 +447,9 @@ fn run_timed(models: &BenchModels, inputs: &CaseInputs) -> Result<RunTimes> {
             let rows = Var::from_tensor(&inputs.init_rows)?;
             let ctx = te.forward(&inputs.ids, Some(rows.as_tensor()))?;
             let out = unet.forward(&inputs.latents, &inputs.t, &Conditioning::Shared(ctx))?;
-            let loss = (out - &inputs.target)?.sqr()?.mean_all()?;
+            let loss = (out.to_dtype(DType::F32)? - &inputs.target)?
+                .sqr()?
+                .mean_all()?;
             backward_to(loss, rows, start)
         }
         Case::Neti => {
@@ -468,7 +471,9 @@ fn run_timed(models: &BenchModels, inputs: &CaseInputs) -> Result<RunTimes> {
                     .collect::<Result<Vec<_>>>()?,
             );
             let out = unet.forward(&inputs.latents, &inputs.t, &cond)?;
-            let loss = (out - &inputs.target)?.sqr()?.mean_all()?;
+            let loss = (out.to_dtype(DType::F32)? - &inputs.target)?
+                .sqr()?
+                .mean_all()?;
             backward_to(loss, out_rows, start)
         }
     }
@@ -561,15 +566,16 @@ pub fn measure(
     size: usize,
     (warmup, runs): (usize, usize),
     seed: u64,
-    device: &Device,
+    (device, dtype): (&Device, DType),
 ) -> anyhow::Result<CaseResult> {
+    crate::pipeline::check_dtype(dtype, device)?;
     if runs == 0 {
         anyhow::bail!("runs must be at least 1");
     }
     let start = Instant::now();
     let (all, build_s) = match case.trainer_method() {
         None => {
-            let models = BenchModels::random(&cfgs.text, &cfgs.unet, seed, device)?;
+            let models = BenchModels::random(&cfgs.text, &cfgs.unet, seed, (device, dtype))?;
             let inputs = CaseInputs::new(&models, case, size, seed)?;
             let build_s = start.elapsed().as_secs_f64();
             for _ in 0..warmup {
@@ -582,7 +588,7 @@ pub fn measure(
             (all, build_s)
         }
         Some(method) => {
-            let sd = random_sd(cfgs, seed, device)?;
+            let sd = random_sd(cfgs, seed, (device, dtype))?;
             let subject = BenchSubject::create(seed)?;
             let settings = TrainSettings {
                 method,
@@ -634,20 +640,20 @@ pub fn measure(
 pub fn random_sd(
     cfgs: &BenchConfigs,
     seed: u64,
-    device: &Device,
+    (device, dtype): (&Device, DType),
 ) -> anyhow::Result<StableDiffusion> {
     let BenchModels { text_encoder, unet } =
-        BenchModels::random(&cfgs.text, &cfgs.unet, seed, device)?;
+        BenchModels::random(&cfgs.text, &cfgs.unet, seed, (device, dtype))?;
     Ok(StableDiffusion {
         tokenizer: bundled_tokenizer()?,
         text: text_encoder,
         unet,
-        vae: Vae::new(RandomWeights::part(seed, "vae", device), &cfgs.vae)?,
+        vae: Vae::new(RandomWeights::part(seed, "vae", dtype, device), &cfgs.vae)?,
         vae_config: cfgs.vae.clone(),
         schedule: NoiseSchedule::new(&cfgs.scheduler)?,
         scheduler_config: cfgs.scheduler.clone(),
         device: device.clone(),
-        dtype: DType::F32,
+        dtype,
         id: "random weights (bench)".into(),
     })
 }
@@ -753,16 +759,24 @@ mod tests {
         assert_eq!(c.vae.block_out_channels.len(), 4);
     }
 
-    /// The tiny fixture models run every case end to end (values finite, gradient present).
+    /// The tiny fixture models run every case end to end (values finite, gradient present), in
+    /// f32 and in f16 (`--dtype`); bf16 is refused on the CPU.
     #[test]
     fn every_case_runs_on_the_tiny_models() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
         let cfgs = BenchConfigs::from_dir(&root).unwrap();
-        for case in Case::ALL {
-            let r = measure(&cfgs, case, 64, (1, 2), 1, &Device::Cpu).unwrap();
-            assert_eq!(r.runs.len(), 2);
-            assert!(r.median_s > 0.0);
-            assert_eq!(r.median_backward_s > 0.0, case.trains());
+        for dtype in [DType::F32, DType::F16] {
+            for case in Case::ALL {
+                let r = measure(&cfgs, case, 64, (1, 2), 1, (&Device::Cpu, dtype)).unwrap();
+                assert_eq!(r.runs.len(), 2);
+                assert!(r.median_s > 0.0);
+                assert_eq!(r.median_backward_s > 0.0, case.trains());
+            }
         }
+        let e = measure(&cfgs, Case::Ti, 64, (0, 1), 1, (&Device::Cpu, DType::BF16));
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("bf16 needs a CUDA device"));
     }
 }

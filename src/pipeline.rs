@@ -69,6 +69,19 @@ pub fn open_weights(p: &Path, dtype: DType, device: &Device) -> Result<VarBuilde
         .with_context(|| format!("cannot load weights {}", p.display()))
 }
 
+/// Whether the frozen model can run in `dtype` on `device`: f32 everywhere, f16 everywhere,
+/// bf16 on CUDA only (candle's CPU matrix product has no bf16 kernel).
+pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F16 => Ok(()),
+        DType::BF16 if !device.is_cpu() => Ok(()),
+        DType::BF16 => anyhow::bail!(
+            "bf16 needs a CUDA device (candle's CPU matrix product has no bf16); use f32 (or f16) on the CPU"
+        ),
+        other => anyhow::bail!("the model cannot run in {other:?}; use f32, f16 or bf16"),
+    }
+}
+
 /// The loaded SD 1.5 model.
 pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
@@ -85,8 +98,9 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
-    /// Load every part of the model from `files` onto `device` in `dtype`.
+    /// Load every part of the model from `files` onto `device` in `dtype` (see [`check_dtype`]).
     pub fn open(files: &SdFiles, device: &Device, dtype: DType) -> Result<Self> {
+        check_dtype(dtype, device)?;
         let tokenizer = match &files.tokenizer {
             Some(p) => ClipTokenizer::from_file(p)
                 .with_context(|| format!("cannot load tokenizer {}", p.display()))?,
@@ -140,7 +154,9 @@ impl StableDiffusion {
         Ok(self.text.forward(&ids, extra)?)
     }
 
-    /// Initial latents `[1, 4, h/8, w/8]` from a seed (our own RNG: same seed, same bytes).
+    /// Initial latents `[1, 4, h/8, w/8]` in f32 from a seed (our own RNG: same seed, same
+    /// bytes). Latents stay f32 through sampling whatever the model's dtype; only the UNet's
+    /// input and the VAE's are cast to it.
     pub fn initial_latents(&self, s: &SampleSettings, seed: u64) -> Result<Tensor> {
         let f = 1usize << (self.vae_config.block_out_channels.len() - 1);
         if !s.height.is_multiple_of(f) || !s.width.is_multiple_of(f) {
@@ -152,9 +168,7 @@ impl StableDiffusion {
         }
         let mut rng = Rng::new(seed);
         let c = self.unet.config.in_channels;
-        Ok(rng
-            .randn((1, c, s.height / f, s.width / f), &self.device)?
-            .to_dtype(self.dtype)?)
+        Ok(rng.randn((1, c, s.height / f, s.width / f), &self.device)?)
     }
 
     /// Denoise `latents` with classifier-free guidance. `cond(t)` gives the conditional branch's
@@ -176,9 +190,9 @@ impl StableDiffusion {
         for (i, &t) in timesteps.iter().enumerate() {
             let c = cond(t)?;
             let both = batch_conditioning(uncond, &c)?;
-            let x_in = Tensor::cat(&[&x, &x], 0)?;
+            let x_in = Tensor::cat(&[&x, &x], 0)?.to_dtype(self.dtype)?;
             let tt = Tensor::new(&[t as f32, t as f32], &self.device)?;
-            let eps = self.unet.forward(&x_in, &tt, &both)?;
+            let eps = self.unet.forward(&x_in, &tt, &both)?.to_dtype(DType::F32)?;
             let eu = eps.narrow(0, 0, 1)?;
             let ec = eps.narrow(0, 1, 1)?;
             let guided = (&eu + ((ec - &eu)? * s.guidance)?)?;
@@ -190,7 +204,7 @@ impl StableDiffusion {
 
     /// Decode latents to images in [0, 1], `[B, 3, H, W]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let z = (latents / self.vae_config.scaling_factor)?;
+        let z = (latents / self.vae_config.scaling_factor)?.to_dtype(self.dtype)?;
         let img = self.vae.decode(&z)?;
         Ok(((img / 2.0)? + 0.5)?
             .clamp(0f32, 1f32)?

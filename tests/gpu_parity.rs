@@ -6,6 +6,8 @@
 // Each suite declares `mod common;`: one copy of the helpers per suite, as in their own binaries.
 #![allow(clippy::duplicate_mod)]
 
+#[path = "half_precision.rs"]
+mod half_precision;
 #[path = "parity_pipeline.rs"]
 mod parity_pipeline;
 #[path = "parity_scorers.rs"]

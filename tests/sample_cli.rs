@@ -48,6 +48,32 @@ fn same_seed_gives_identical_files() {
     assert_eq!(meta["settings"]["steps"], 3);
 }
 
+/// `--dtype f16` samples on the CPU and records it; bf16 (no CPU matrix product in candle) and
+/// unknown names are refused with the flag named.
+#[test]
+fn dtype_flag() {
+    let t = tempfile::tempdir().unwrap();
+    let o = sample(
+        t.path(),
+        &["--prompt", "a photo of a cat", "--dtype", "f16"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path().join("sample.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["dtype"], "f16");
+    assert!(t.path().join("000-seed7.png").is_file());
+    for (flag, says) in [
+        ("bf16", "needs a CUDA device"),
+        ("f64", "expected auto, f32"),
+    ] {
+        let o = sample(&t.path().join(flag), &["--prompt", "x", "--dtype", flag]);
+        assert!(!o.status.success(), "--dtype {flag} was accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--dtype") && err.contains(says), "{err}");
+    }
+}
+
 #[test]
 fn dpm_sampler_and_long_prompt_warning() {
     let t = tempfile::tempdir().unwrap();

@@ -383,6 +383,63 @@ fn existing_run_folder_is_not_overwritten() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
 }
 
+/// `--dtype`: the run records its model precision; f16 training is refused; a resume takes the
+/// recorded precision unless `--dtype` overrides it (with a warning).
+#[test]
+fn dtype_is_recorded_checked_and_resumed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), false);
+    let o = train(
+        &data,
+        &tmp.path().join("f16"),
+        "ti",
+        &["--steps", "1", "--dtype", "f16"],
+    );
+    assert!(!o.status.success(), "f16 training was accepted");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--dtype f16") && err.contains("bf16"), "{err}");
+    assert!(
+        !tmp.path().join("f16").exists(),
+        "a refused run wrote its folder"
+    );
+
+    let run = tmp.path().join("run");
+    ok(&train(
+        &data,
+        &run,
+        "ti",
+        &["--steps", "1", "--save-every", "1"],
+    ));
+    let cfg_path = run.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    assert_eq!(cfg["model_dtype"], "f32");
+    // As if trained on a GPU in bf16, then resumed on this CPU.
+    cfg["model_dtype"] = "bf16".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let resume = |extra: &[&str]| {
+        bin()
+            .args(["train", "--resume"])
+            .arg(&run)
+            .args(["--steps", "2", "--offline", "--model"])
+            .arg(tiny_model())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = resume(&[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("trained with --dtype bf16") && err.contains("needs a CUDA device"),
+        "{err}"
+    );
+    let o = resume(&["--dtype", "f32"]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resuming a run trained with --dtype bf16"));
+    assert!(run.join("checkpoints/step-2.safetensors").is_file());
+}
+
 #[test]
 fn toml_preset_and_flags_merge() {
     use attractor::cli::train::{resolve_settings, TrainArgs};

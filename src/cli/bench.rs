@@ -136,12 +136,21 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .size
             .context("--case needs --size (it is set by the bench itself)")?;
         let device = args.common.device()?;
-        let r = bench::measure(&cfgs, case, size, (args.warmup, args.runs), seed, &device)
-            .with_context(|| format!("bench case {} at {size} px", case.name()))?;
+        let dtype = args.common.dtype(&device)?;
+        let r = bench::measure(
+            &cfgs,
+            case,
+            size,
+            (args.warmup, args.runs),
+            seed,
+            (&device, dtype),
+        )
+        .with_context(|| format!("bench case {} at {size} px", case.name()))?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
 
+    let dtype = args.common.dtype(&args.common.device()?)?;
     let mut rows = Vec::new();
     for &size in &args.sizes {
         for &case in &args.cases {
@@ -169,8 +178,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         warmup: args.warmup,
         seed,
         weights: format!(
-            "random, uniform with std {} (norm layers 1/0), f32",
-            bench::DEFAULT_STD
+            "random, uniform with std {} (norm layers 1/0), {}",
+            bench::DEFAULT_STD,
+            dtype.as_str()
         ),
         neti_plus_over_ti_plus: plus_ratios(&rows),
         rows,
@@ -182,7 +192,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "median of the timed runs, after {} untimed warm-up run(s) per case; ratio = ours / PyTorch 2.15 (* = measured beside ours, from --pytorch; else SPEC.md §7, same 2-core machine, idle); cpu = CPU seconds of all threads; peak = VmHWM of the case's process, weights included; load = 1-min load average at the start; ti+ and neti+ are whole `train` steps at batch 1 (UNet on 3 prompt pools, AdamW)",
+        "weights in {}; median of the timed runs, after {} untimed warm-up run(s) per case; ratio = ours / PyTorch 2.15 (* = measured beside ours, from --pytorch; else SPEC.md §7, same 2-core machine, idle); cpu = CPU seconds of all threads; peak = VmHWM of the case's process, weights included; load = 1-min load average at the start; ti+ and neti+ are whole `train` steps at batch 1 (UNet on 3 prompt pools, AdamW)",
+        dtype.as_str(),
         report.warmup
     )?;
     for r in &report.neti_plus_over_ti_plus {
@@ -225,6 +236,9 @@ fn run_child(args: &BenchArgs, case: Case, size: usize) -> Result<Row> {
         .args(["--seed", &args.common.seed.unwrap_or(0).to_string()]);
     if let Some(d) = &args.common.device {
         cmd.args(["--device", d]);
+    }
+    if let Some(d) = &args.common.dtype {
+        cmd.args(["--dtype", d]);
     }
     if let Some(m) = &args.common.model {
         cmd.args(["--model", m]);

@@ -122,6 +122,8 @@ pub struct GenerationOptions {
     pub guidance: Option<f64>,
     pub sampler: Option<SamplerChoice>,
     pub device: Device,
+    /// Precision of the frozen SD weights (`--dtype`).
+    pub dtype: candle_core::DType,
     pub offline: bool,
 }
 
@@ -159,7 +161,7 @@ fn open_base(
         .unwrap_or_else(|| info.model.trim_end_matches("@main").to_string());
     let source = ModelSource::parse(&model, "main").map_err(|e| anyhow!("--model: {e}"))?;
     let files = crate::hub::resolve_sd(&source, opts.offline)?;
-    let sd = crate::pipeline::StableDiffusion::open(&files, &opts.device, candle_core::DType::F32)?;
+    let sd = crate::pipeline::StableDiffusion::open(&files, &opts.device, opts.dtype)?;
     Ok((std::sync::Arc::new(sd), info))
 }
 
@@ -193,14 +195,19 @@ fn run_generator(
         fingerprint.push(format!("{name}:{:016x}", crate::files::fnv64(&bytes)));
     }
     fingerprint.sort();
-    let id = serde_json::json!({
+    let mut id = serde_json::json!({
         "run": run_dir.display().to_string(),
         "method": info.settings.s.method.to_string(),
         "learned": fingerprint,
         "model": sd.id,
         "sampling": settings,
-    })
-    .to_string();
+    });
+    // Only a half-precision model adds its dtype, so f32 evaluations begun before `--dtype`
+    // existed keep their id and resume.
+    if sd.dtype != candle_core::DType::F32 {
+        id["dtype"] = sd.dtype.as_str().into();
+    }
+    let id = id.to_string();
     Ok(RunGenerator {
         subjects: vec![info.subject.clone()],
         generator: Box::new(RunImages {
@@ -408,6 +415,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         guidance: args.guidance,
         sampler: args.sampler,
         device: device.clone(),
+        dtype: args.common.dtype(&device)?,
         offline,
     };
     if let Some(run_dir) = &args.checkpoints {

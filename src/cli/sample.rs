@@ -54,12 +54,18 @@ pub fn model_source(common: &Common) -> Result<ModelSource> {
     ModelSource::parse(m, "main").map_err(|e| anyhow::anyhow!("--model: {e}"))
 }
 
-/// Load SD 1.5 as `--model`/`--offline`/`--device` say.
+/// Load SD 1.5 as `--model`/`--offline`/`--device`/`--dtype` say.
 pub fn load_model(common: &Common) -> Result<StableDiffusion> {
+    let device = common.device()?;
+    load_model_in(common, common.dtype(&device)?)
+}
+
+/// Load SD 1.5 as `--model`/`--offline`/`--device` say, in `dtype`.
+pub fn load_model_in(common: &Common, dtype: DType) -> Result<StableDiffusion> {
     let source = model_source(common)?;
     let files = hub::resolve_sd(&source, common.offline())?;
     let device = common.device()?;
-    StableDiffusion::open(&files, &device, DType::F32)
+    StableDiffusion::open(&files, &device, dtype)
 }
 
 pub fn progress(len: u64, msg: &str) -> ProgressBar {
@@ -132,6 +138,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     }
     let record = serde_json::json!({
         "model": sd.id,
+        "dtype": sd.dtype.as_str(),
         "prompt": args.prompt,
         "seed": seed,
         "settings": settings,

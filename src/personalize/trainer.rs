@@ -35,6 +35,14 @@ pub struct RunInfo {
     /// Training images, in attractor order.
     pub train_images: Vec<String>,
     pub init_word: String,
+    /// Precision the frozen model ran in (`f32`, `f16`, `bf16`; runs from before this field
+    /// were all f32). The learned tensors are f32 whatever it says.
+    #[serde(default = "f32_name")]
+    pub model_dtype: String,
+}
+
+fn f32_name() -> String {
+    DType::F32.as_str().to_string()
 }
 
 impl RunInfo {
@@ -157,6 +165,7 @@ impl<'a> Trainer<'a> {
                 .map(|p| p.display().to_string())
                 .collect(),
             init_word,
+            model_dtype: sd.dtype.as_str().to_string(),
         };
         add_tokens(&mut tokenizer, &info, sd)?;
         let table = &sd.text.token_embedding;
@@ -305,9 +314,12 @@ impl<'a> Trainer<'a> {
             },
         )?;
         // 4. one UNet call on all pools
-        let x_in = zt.repeat((pools, 1, 1, 1))?;
+        let x_in = zt.repeat((pools, 1, 1, 1))?.to_dtype(sd.dtype)?;
         let t_in = Tensor::new(t_all.iter().map(|&t| t as f32).collect::<Vec<_>>(), dev)?;
-        let pred = sd.unet.forward(&x_in, &t_in, &enc.cond)?;
+        let pred = sd
+            .unet
+            .forward(&x_in, &t_in, &enc.cond)?
+            .to_dtype(DType::F32)?;
         // 5. the losses
         if !method.uses_attractor() {
             let l = losses::mse(&pred, &eps)?;
@@ -449,16 +461,26 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// The gradient of one micro-batch's loss for every trainable tensor (tests: every trainable
-    /// tensor must get a non-zero gradient).
-    pub fn gradient_norms(&mut self) -> Result<Vec<(String, f64)>> {
+    /// The gradient of one micro-batch's loss for every trainable tensor, by name (`None`: the
+    /// loss does not reach it). For tests: every trainable tensor must get a gradient, and a
+    /// half-precision model must give the f32 model's gradients.
+    pub fn gradients(&mut self) -> Result<Vec<(String, Option<Tensor>)>> {
         let (loss, _, _) = self.micro_batch(0.5)?;
         let g = loss.backward()?;
-        self.names
+        Ok(self
+            .names
             .iter()
             .zip(self.opt.vars.iter())
-            .map(|(n, v)| {
-                let norm = match g.get(v.as_tensor()) {
+            .map(|(n, v)| (n.clone(), g.get(v.as_tensor()).cloned()))
+            .collect())
+    }
+
+    /// The L2 norm of every trainable tensor's gradient (see [`Self::gradients`]; 0 for none).
+    pub fn gradient_norms(&mut self) -> Result<Vec<(String, f64)>> {
+        self.gradients()?
+            .into_iter()
+            .map(|(n, g)| {
+                let norm = match g {
                     Some(t) => t
                         .sqr()?
                         .sum_all()?
@@ -467,7 +489,7 @@ impl<'a> Trainer<'a> {
                         .to_scalar::<f64>()?,
                     None => 0.0,
                 };
-                Ok((n.clone(), norm))
+                Ok((n, norm))
             })
             .collect()
     }
@@ -658,7 +680,8 @@ fn load_examples(
         let both = Tensor::cat(&[&x, &xf], 0)?;
         let post = sd.vae.encode(&both)?;
         let pm = |j: usize| -> Result<(Tensor, Tensor)> {
-            Ok((post.mean.narrow(0, j, 1)?, post.logvar.narrow(0, j, 1)?))
+            let f32_row = |t: &Tensor| t.narrow(0, j, 1)?.to_dtype(DType::F32);
+            Ok((f32_row(&post.mean)?, f32_row(&post.logvar)?))
         };
         let mask = match &masks {
             Some(m) => {

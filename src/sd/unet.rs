@@ -522,6 +522,11 @@ impl UNet {
         })
     }
 
+    /// The dtype of the weights (and of the activations through them).
+    pub fn dtype(&self) -> DType {
+        self.conv_in.weight.dtype()
+    }
+
     /// Sinusoidal timestep features `[B, c0]` (diffusers `get_timestep_embedding`).
     fn time_proj(&self, t: &Tensor) -> Result<Tensor> {
         let dim = self.config.block_out_channels[0];
