@@ -141,7 +141,7 @@ pub fn attention_blocks(
     v: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    attention_with_budget(q, k, v, mask, BLOCK_ELEMS)
+    attention_with_budget(q, k, v, mask, super::block_budget(q, BLOCK_ELEMS))
 }
 
 /// Attention of `q` `[B, Lq, H * d]` over `k`, `v` `[B, Lk, H * d]` in `heads` heads, with an

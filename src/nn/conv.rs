@@ -161,10 +161,11 @@ fn correlate(x: &Tensor, w2: &Tensor, k: usize, pad: usize, flip: bool) -> Resul
     let (b, _, h, w) = x.dims4()?;
     let o = w2.dim(0)?;
     let (ho, wo) = (h + 2 * pad + 1 - k, w + 2 * pad + 1 - k);
+    let budget = super::block_budget(x, COLS_ELEMS);
     if exact_is_cheaper(wo, k) {
-        correlate_exact(x, w2, k, pad, flip, COLS_ELEMS)?.reshape((b, o, ho, wo))
+        correlate_exact(x, w2, k, pad, flip, budget)?.reshape((b, o, ho, wo))
     } else {
-        let y = correlate_flat(x, w2, k, pad, flip, COLS_ELEMS)?;
+        let y = correlate_flat(x, w2, k, pad, flip, budget)?;
         crop_grid(&y, ho, w + 2 * pad, wo)
     }
 }
@@ -248,6 +249,24 @@ fn conv_s1_input_grad(g: &Tensor, weight: &Tensor, gm: Geom) -> Result<Tensor> {
     acc.narrow(2, pad, h)?.narrow(3, pad, w)?.contiguous()
 }
 
+/// The rows and columns at the bottom and right of the padded `x_dims` input that a strided
+/// `k x k` convolution with output `g` never reached (the floor division of its output size):
+/// their input gradient is zero, and the transposed convolution must add them back.
+fn unreached(
+    g: &Tensor,
+    x_dims: (usize, usize),
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Result<(usize, usize)> {
+    let (_, _, gh, gw) = g.dims4()?;
+    let full = |gi: usize| (gi - 1) * stride + k;
+    Ok((
+        (x_dims.0 + 2 * pad).saturating_sub(full(gh)),
+        (x_dims.1 + 2 * pad).saturating_sub(full(gw)),
+    ))
+}
+
 /// Input gradient of a strided convolution through candle's transposed convolution. The output
 /// padding differs per axis when H and W have different parity; candle takes one value for
 /// both, so use the larger one and crop.
@@ -259,11 +278,7 @@ fn conv_strided_input_grad(
     pad: usize,
 ) -> Result<Tensor> {
     let (h, w) = x_dims;
-    let (_, _, gh, gw) = g.dims4()?;
-    let k = weight.dim(2)?;
-    let full = |gi: usize| (gi - 1) * stride + k;
-    let op_h = (h + 2 * pad).saturating_sub(full(gh));
-    let op_w = (w + 2 * pad).saturating_sub(full(gw));
+    let (op_h, op_w) = unreached(g, x_dims, weight.dim(2)?, stride, pad)?;
     let out_pad = op_h.max(op_w);
     let dx = g
         .contiguous()?
@@ -306,13 +321,11 @@ fn conv_strided_input_grad_dilated(
     stride: usize,
     pad: usize,
 ) -> Result<Tensor> {
-    let (h, w) = x_dims;
-    let (_, _, gh, gw) = g.dims4()?;
     let (o, c, k, _) = weight.dims4()?;
-    let full = |gi: usize| (gi - 1) * stride + k;
+    let (op_h, op_w) = unreached(g, x_dims, k, stride, pad)?;
     let gd = dilate(&g.contiguous()?, stride)?
-        .pad_with_zeros(2, 0, (h + 2 * pad).saturating_sub(full(gh)))?
-        .pad_with_zeros(3, 0, (w + 2 * pad).saturating_sub(full(gw)))?;
+        .pad_with_zeros(2, 0, op_h)?
+        .pad_with_zeros(3, 0, op_w)?;
     let wt = weight
         .transpose(0, 1)?
         .contiguous()?

@@ -32,6 +32,22 @@ fn is_cpu_f32(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
 }
 
+/// Elements of one transient block (attention scores, an im2col buffer) off the CPU: 128 M, 512 MB
+/// in f32. The CPU's budgets (attention's `BLOCK_ELEMS`, conv's `COLS_ELEMS`) are small for
+/// glibc's sake; on a GPU, a loop over small blocks is a string of small kernel launches that
+/// leave the device idle, so it takes a few large ones. The results do not depend on the budget
+/// (blocks split rows that are computed independently).
+const GPU_BLOCK_ELEMS: usize = 1 << 27;
+
+/// The block budget for work on `t`'s device: `cpu` on the CPU, [`GPU_BLOCK_ELEMS`] elsewhere.
+fn block_budget(t: &Tensor, cpu: usize) -> usize {
+    if t.device().is_cpu() {
+        cpu
+    } else {
+        GPU_BLOCK_ELEMS
+    }
+}
+
 /// A raw pointer handed to the workers of candle's CPU thread pool
 /// (`barrier_pool().execute_chunked`), which need `Send + Sync` captures. Whoever makes one
 /// upholds what the compiler cannot check: through a `*mut`, workers write disjoint parts; behind
