@@ -136,7 +136,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .size
             .context("--case needs --size (it is set by the bench itself)")?;
         let device = args.common.device()?;
-        let dtype = args.common.dtype(&device)?;
+        let dtype = args.common.dtype()?;
         let r = bench::measure(
             &cfgs,
             case,
@@ -150,7 +150,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         return Ok(());
     }
 
-    let dtype = args.common.dtype(&args.common.device()?)?;
+    let dtype = args.common.dtype()?;
     let mut rows = Vec::new();
     for &size in &args.sizes {
         for &case in &args.cases {

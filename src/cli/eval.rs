@@ -415,7 +415,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         guidance: args.guidance,
         sampler: args.sampler,
         device: device.clone(),
-        dtype: args.common.dtype(&device)?,
+        dtype: args.common.dtype()?,
         offline,
     };
     if let Some(run_dir) = &args.checkpoints {

@@ -57,9 +57,16 @@ impl Common {
         parse_device(self.device.as_deref().unwrap_or("cpu"))
     }
 
-    /// The model precision `--dtype` names for `device` (see [`resolve_dtype`]).
-    pub fn dtype(&self, device: &Device) -> Result<DType> {
-        resolve_dtype(self.dtype.as_deref(), device)
+    /// The model precision `--dtype` names for `--device` (see [`resolve_dtype`]).
+    pub fn dtype(&self) -> Result<DType> {
+        resolve_dtype(self.dtype.as_deref(), self.on_cpu())
+    }
+
+    /// Whether `--device` names the CPU (the default), read from the flag without opening a
+    /// device: each `Device::new_cuda` makes a CUDA context of its own, and a process that only
+    /// starts others (`bench`) must hold none.
+    pub fn on_cpu(&self) -> bool {
+        matches!(self.device.as_deref(), None | Some("cpu"))
     }
 
     /// True when `--offline` or `HF_HUB_OFFLINE=1` is given.
@@ -71,19 +78,22 @@ impl Common {
     }
 }
 
-/// `--dtype` for `device`: `None` or `auto` picks f32 on the CPU (candle's CPU matrix product
+/// `--dtype` for the CPU (`on_cpu`) or a GPU: `None` or `auto` picks f32 on the CPU (candle's CPU matrix product
 /// has no bf16 and runs f16 slower than f32) and bf16 on CUDA (half the memory and traffic of
 /// f32, with f32's exponent range, so small gradients do not underflow as they would in f16).
-pub fn resolve_dtype(s: Option<&str>, device: &Device) -> Result<DType> {
+pub fn resolve_dtype(s: Option<&str>, on_cpu: bool) -> Result<DType> {
     let dtype = match s.unwrap_or("auto") {
-        "auto" if device.is_cpu() => DType::F32,
+        "auto" if on_cpu => DType::F32,
         "auto" => DType::BF16,
         "f32" => DType::F32,
         "f16" => DType::F16,
         "bf16" => DType::BF16,
         other => bail!("--dtype {other}: expected auto, f32, f16 or bf16"),
     };
-    crate::pipeline::check_dtype(dtype, device).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    if on_cpu {
+        crate::pipeline::check_dtype(dtype, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    }
     Ok(dtype)
 }
 

@@ -56,8 +56,7 @@ pub fn model_source(common: &Common) -> Result<ModelSource> {
 
 /// Load SD 1.5 as `--model`/`--offline`/`--device`/`--dtype` say.
 pub fn load_model(common: &Common) -> Result<StableDiffusion> {
-    let device = common.device()?;
-    load_model_in(common, common.dtype(&device)?)
+    load_model_in(common, common.dtype()?)
 }
 
 /// Load SD 1.5 as `--model`/`--offline`/`--device` say, in `dtype`.

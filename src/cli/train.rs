@@ -185,13 +185,13 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 /// element at 512 px, less at larger batches) fall below f16's normal range, and attractor does
 /// no loss scaling; bf16 has f32's range.
 fn train_dtype(common: &Common, prior: Option<&RunInfo>) -> Result<DType> {
-    let device = common.device()?;
+    let on_cpu = common.on_cpu();
     let recorded = prior.map(|info| info.model_dtype.as_str());
     let dtype = match (common.dtype.as_deref(), recorded) {
-        (None, Some(r)) => super::resolve_dtype(Some(r), &device).with_context(|| {
+        (None, Some(r)) => super::resolve_dtype(Some(r), on_cpu).with_context(|| {
             format!("the run was trained with --dtype {r}; pass --dtype to resume it in another precision (it then no longer matches an uninterrupted run bit for bit)")
         })?,
-        (flag, _) => super::resolve_dtype(flag, &device)?,
+        (flag, _) => super::resolve_dtype(flag, on_cpu)?,
     };
     if dtype == DType::F16 {
         bail!("--dtype f16: training in f16 would underflow the gradients (attractor does no loss scaling); use --dtype bf16 on CUDA or f32");
