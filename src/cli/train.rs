@@ -296,12 +296,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         toml::to_string(&resolved.s)?.as_bytes(),
     )?;
     eprintln!(
-        "training {} on {} ({} images) with {} from {}: {} steps, batch {} x accum {}, lr {:.3e} (base {:.1e}{})",
+        "training {} on {} ({} images) with {} from {} in {}: {} steps, batch {} x accum {}, lr {:.3e} (base {:.1e}{})",
         resolved.s.method,
         subject.name,
         subject.train_images.len(),
         resolved.s.method,
         sd.id,
+        sd.dtype.as_str(),
         resolved.steps,
         resolved.batch,
         resolved.grad_accum,
