@@ -41,6 +41,19 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The input gradient of [`quick_gelu`] at `x` given the output gradient `g`:
+/// `g * (s + k x s (1 - s))` with `s = sigmoid(k x)`, for a caller that fuses it into a larger
+/// graph node.
+pub fn quick_gelu_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let (x, g) = (x.detach().contiguous()?, g.contiguous()?);
+    if super::is_cpu_f32(&x) && super::is_cpu_f32(&g) {
+        return x.apply_op2_no_bwd(&g, &QuickGeluGrad);
+    }
+    let s = candle_nn::ops::sigmoid(&(&x * K as f64)?)?;
+    let ds = ((&x * K as f64)? * (&s * s.affine(-1.0, 1.0)?)?)?;
+    g * (s + ds)?
+}
+
 /// Contiguous f32 data of a CPU tensor.
 fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let s = storage.as_slice::<f32>()?;

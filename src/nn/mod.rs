@@ -24,7 +24,7 @@ mod softmax;
 mod winograd;
 
 pub use attention::attention_merged;
-pub use gelu::{geglu, quick_gelu};
+pub use gelu::{geglu, quick_gelu, quick_gelu_grad};
 
 /// Whether `t` is f32 on the CPU: what the hand-written kernels of this module take (other
 /// dtypes and devices keep candle's ops).
@@ -221,16 +221,8 @@ impl Linear {
             }
         };
         let w = self.weight.clone();
-        // dL/dx = g W, on the rows flattened to a matrix; dL/dr = g.
-        let input_grad = move |x: &Tensor, g: &Tensor| -> Result<Tensor> {
-            let dims = x.dims().to_vec();
-            let out = w.dim(0)?;
-            let rows = g.elem_count() / out;
-            g.contiguous()?
-                .reshape((rows, out))?
-                .matmul(&w)?
-                .reshape(dims)
-        };
+        // dL/dx = g W; dL/dr = g.
+        let input_grad = move |x: &Tensor, g: &Tensor| linear_input_grad(&w, g, x.dims());
         match residual {
             None => attach(
                 "linear-frozen",
@@ -250,6 +242,34 @@ impl Linear {
                 }),
             ),
         }
+    }
+}
+
+/// The input gradient `g W` of a linear layer with weight `w` `[out, in]`, on the rows of `g`
+/// `[..., out]` flattened to a matrix, shaped as the input (`dims`).
+fn linear_input_grad(w: &Tensor, g: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    let out = w.dim(0)?;
+    let rows = g.elem_count() / out;
+    g.contiguous()?
+        .reshape((rows, out))?
+        .matmul(w)?
+        .reshape(dims)
+}
+
+impl Linear {
+    /// True when neither the weight nor the bias needs a gradient.
+    pub fn is_frozen(&self) -> bool {
+        !trainable(&self.weight, self.bias.as_ref())
+    }
+
+    /// The gradient with respect to the input of `x -> x W^T + b` given the output gradient `g`
+    /// `[..., out]`, for a caller that fuses layers into one graph node (the weight gets none).
+    pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
+        let mut dims = g.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.weight.dim(1)?;
+        }
+        linear_input_grad(&self.weight, g, &dims)
     }
 }
 
@@ -529,6 +549,48 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+impl LayerNorm {
+    /// True when neither the weight nor the bias needs a gradient.
+    pub fn is_frozen(&self) -> bool {
+        !trainable(&self.weight, Some(&self.bias))
+    }
+
+    /// The gradient with respect to `x` of this layer's output, given the output gradient `g`,
+    /// for a caller that fuses layers into one graph node (the weights get none). The
+    /// statistics are recomputed from `x`: one pass over it.
+    pub fn input_grad(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (x, g) = (x.detach().contiguous()?, g.contiguous()?);
+        let c = x.dim(D::Minus1)?;
+        let (w, b) = (&self.weight, &self.bias);
+        if is_cpu_f32(&x) && is_cpu_f32(&g) && is_cpu_f32(w) && is_cpu_f32(b) {
+            let name = "layer-norm-input-grad";
+            let d = norm_act::Dims {
+                b: x.elem_count() / c.max(1),
+                c,
+                hw: 1,
+                groups: 1,
+            };
+            let (w, b) = (w.contiguous()?, b.contiguous()?);
+            let (xs, xl) = x.storage_and_layout();
+            let (gs, gl) = g.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let (bs, bl) = b.storage_and_layout();
+            let (xv, wv, bv) = (
+                cpu_f32(&xs, xl, name)?,
+                cpu_f32(&ws, wl, name)?,
+                cpu_f32(&bs, bl, name)?,
+            );
+            let (_, stats) = norm_act::forward(xv, wv, bv, d, self.eps, false);
+            let dx = norm_act::backward(xv, cpu_f32(&gs, gl, name)?, wv, bv, &stats, d, false);
+            return Tensor::from_vec(dx, x.dims(), x.device());
+        }
+        let (dtype, sd) = (x.dtype(), stat_dtype(x.dtype()));
+        let (xhat, rstd) = normalize_last(&x.to_dtype(sd)?, self.eps)?;
+        let gw = g.broadcast_mul(w)?.to_dtype(sd)?;
+        normalize_last_backward(&gw, &xhat, &rstd)?.to_dtype(dtype)
     }
 }
 
