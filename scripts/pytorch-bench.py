@@ -6,10 +6,20 @@ SPEC.md §7's PyTorch figures were taken once, on an idle machine. A shared CPU'
 script and `attractor bench` alternately; `attractor bench --pytorch FILE` takes its ratios from
 the last line this script appended to FILE for each (case, size).
 
-What it times (mirrors `src/bench.rs`):
+What it times (mirrors `src/bench.rs`; t = 500, every weight frozen, backward to the learned
+rows only, injected after the token embedding):
   ti      CLIP text encoder + UNet forward at batch 1 on "a photo of a <v*>" (the learned row at
-          position 5, injected after the token embedding), MSE against random noise at t = 500,
-          backward to that one row only (every weight frozen);
+          position 5), MSE against random noise, backward;
+  neti    as ti, with one learned row per cross-attention layer: the text encoder on the 16
+          copies of the prompt in one batch, each cross-attention layer reading its own copy
+          (an attention processor per layer, as NeTI's code does); no mapper and no bypass, whose
+          cost is negligible, so this is a lower bound on a NeTI step;
+  ti+     the three prompt pools of one image, "a photo of a <v*>", "a photo of a dog in the
+          <a*>", "a photo of a <v*> in the <a*>": the text encoder on 3 prompts, the UNet on batch
+          3 (one noised latent), the masked subject and background MSEs and the joint MSE, backward
+          to the rows of <v*> and <a*>; no InfoNCE and no optimizer update (a lower bound on
+          `attractor train --method ti+`'s step, which the Rust bench times whole);
+  neti+   as ti+, with 16 rows per token: the text encoder on 48 prompts, per-layer contexts;
   sample  UNet forward on batch 2 with a random context, classifier-free guidance at 7.5, no grad.
 Random weights (diffusers/transformers initialisers) from the configs in `configs/sd15`, f32, the
 default attention processor (PyTorch's SDPA). Each case runs in its own process, so its peak RSS
@@ -19,6 +29,7 @@ Needs: torch, diffusers, transformers (e.g. torch 2.15, diffusers 0.42.1, transf
 versions behind SPEC.md §7). Nothing is downloaded: the models are built from the configs.
 
     python3 scripts/pytorch-bench.py --sizes 256,512 --cases ti,sample --runs 3 --out pt.json
+    python3 scripts/pytorch-bench.py --sizes 256 --cases ti+,neti+ --runs 2 --out pt.json
 """
 
 import argparse
@@ -41,9 +52,44 @@ def vm_hwm_gib():
     return None
 
 
+# CLIP ids of the prompts (BOS, words, the learned token's slot, then EOS padding to 77). The
+# slot's id is irrelevant: its row is replaced after the token embedding.
+BOS, EOS, SLOT = 49406, 49407, 0
+PROMPTS = {
+    # "a photo of a <v*>"
+    "subject": ([BOS, 320, 1125, 539, 320, SLOT], {"v": 5}),
+    # "a photo of a dog in the <a*>"
+    "background": ([BOS, 320, 1125, 539, 320, 1929, 530, 518, SLOT], {"a": 8}),
+    # "a photo of a <v*> in the <a*>"
+    "joint": ([BOS, 320, 1125, 539, 320, SLOT, 530, 518, SLOT], {"v": 5, "a": 8}),
+}
+CASES = {
+    # case: (prompts, one context per cross-attention layer?)
+    "ti": (["subject"], False),
+    "neti": (["subject"], True),
+    "ti+": (["subject", "background", "joint"], False),
+    "neti+": (["subject", "background", "joint"], True),
+    "sample": ([], False),
+}
+
+
+def attn2_order(unet):
+    """The cross-attention processors' names in forward order (down, mid, up), as SPEC.md §4."""
+    names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    part = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+    def key(n):
+        bits = n.split(".")
+        return (part[bits[0]], [int(b) for b in bits if b.isdigit()])
+
+    return sorted(names, key=key)
+
+
 def run_case(case, size, runs, seed):
     import torch
+    import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -52,20 +98,43 @@ def run_case(case, size, runs, seed):
     ).eval()
     unet.requires_grad_(False)
     text_cfg = CLIPTextConfig.from_json_file(os.path.join(CONFIGS, "text_encoder", "config.json"))
-    te = CLIPTextModel(text_cfg).eval() if case == "ti" else None
+    prompts, per_layer = CASES[case]
+    te = CLIPTextModel(text_cfg).eval() if prompts else None
     if te is not None:
         te.requires_grad_(False)
 
+    # NeTI-style cases: every cross-attention layer reads its own context from `store`.
+    store = {}
+    order = attn2_order(unet)
+    layers = len(order) if per_layer else 1
+    if per_layer:
+
+        class LayerContext(AttnProcessor2_0):
+            def __init__(self, l):
+                super().__init__()
+                self.l = l
+
+            def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+                return super().__call__(attn, hidden_states, store["ctx"][self.l], *args, **kwargs)
+
+        unet.set_attn_processor(
+            {n: LayerContext(order.index(n)) if n in order else AttnProcessor2_0()
+             for n in unet.attn_processors}
+        )
+
     h = size // 8
-    batch = 2 if case == "sample" else 1
-    latents = torch.randn(batch, unet.config.in_channels, h, h)
-    target = torch.randn(batch, unet.config.out_channels, h, h)
+    n = len(prompts)
+    batch = 2 if case == "sample" else n
+    # One image noised once, predicted under each prompt (the + cases' three pools).
+    latents = torch.randn(1, unet.config.in_channels, h, h).expand(batch, -1, -1, -1)
+    target = torch.randn(1, unet.config.out_channels, h, h).expand(batch, -1, -1, -1)
     t = torch.full((batch,), 500, dtype=torch.long)
+    mask = torch.zeros(1, 1, h, h)
+    mask[..., h // 4 : 3 * h // 4, h // 4 : 3 * h // 4] = 1.0
     length = text_cfg.max_position_embeddings
-    # "a photo of a <v*>": BOS, four words, the placeholder (any id: its row is replaced), EOS pad.
-    ids = [49406, 320, 1125, 539, 320, 0] + [49407] * (length - 6)
-    ids = torch.tensor([ids])
-    pos = 5
+    ids = torch.tensor(
+        [PROMPTS[p][0] + [EOS] * (length - len(PROMPTS[p][0])) for p in prompts for _ in range(layers)]
+    ) if prompts else None
     context = torch.randn(2, length, text_cfg.hidden_size)
 
     def once():
@@ -77,24 +146,50 @@ def run_case(case, size, runs, seed):
                 eps = u + (c - u) * 7.5
             assert torch.isfinite(eps).all()
             return time.perf_counter() - t0, 0.0
-        row = (torch.randn(1, text_cfg.hidden_size) * 0.02).requires_grad_(True)
+        # The learned rows: one per token (and per layer in the NeTI cases), every weight frozen.
+        tokens = sorted({tok for p in prompts for tok in PROMPTS[p][1]})
+        rows = {tok: (torch.randn(layers, text_cfg.hidden_size) * 0.02).requires_grad_(True)
+                for tok in tokens}
+        bi, pi, vals = [], [], []
+        for j, p in enumerate(prompts):
+            for tok, pos in PROMPTS[p][1].items():
+                for l in range(layers):
+                    bi.append(j * layers + l)
+                    pi.append(pos)
+                    vals.append(rows[tok][l])
+        index = (torch.tensor(bi), torch.tensor(pi))
 
         def inject(_module, _inputs, out):
-            return torch.cat([out[:, :pos], row.unsqueeze(0), out[:, pos + 1 :]], dim=1)
+            return out.index_put(index, torch.stack(vals))
 
         handle = te.get_input_embeddings().register_forward_hook(inject)
         try:
             t0 = time.perf_counter()
-            ctx = te(ids).last_hidden_state
+            enc = te(ids).last_hidden_state  # [n * layers, 77, D]
+            if per_layer:
+                enc = enc.view(n, layers, length, -1)
+                store["ctx"] = [enc[:, l] for l in range(layers)]
+                ctx = store["ctx"][0]
+            else:
+                ctx = enc
             out = unet(latents, t, encoder_hidden_states=ctx).sample
-            loss = torch.nn.functional.mse_loss(out, target)
+            if n == 3:
+                loss = (F.mse_loss(out[0:1] * mask, target[0:1] * mask)
+                        + F.mse_loss(out[1:2] * (1 - mask), target[1:2] * (1 - mask))
+                        + F.mse_loss(out[2:3], target[2:3]))
+            else:
+                loss = F.mse_loss(out, target)
             assert torch.isfinite(loss)
             t1 = time.perf_counter()
             loss.backward()
             t2 = time.perf_counter()
         finally:
             handle.remove()
-        assert row.grad is not None and row.grad.abs().max() > 0
+            store.clear()
+        for r in rows.values():
+            # Every layer's row must reach the loss: in the NeTI cases, that each cross-attention
+            # layer read its own context.
+            assert r.grad is not None and (r.grad.abs().amax(dim=1) > 0).all()
         return t1 - t0, t2 - t1
 
     once()  # warm-up: first-touch of the weights, allocator growth
@@ -130,8 +225,8 @@ def main():
         return
     for size in (int(s) for s in a.sizes.split(",")):
         for case in a.cases.split(","):
-            if case not in ("ti", "sample"):
-                sys.exit(f"unknown case {case!r}: this script times ti and sample")
+            if case not in CASES:
+                sys.exit(f"unknown case {case!r}: this script times {', '.join(CASES)}")
             load = os.getloadavg()[0]
             cmd = [sys.executable, __file__, "--runs", str(a.runs), "--seed", str(a.seed),
                    "--child", case, str(size)]
