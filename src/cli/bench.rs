@@ -97,15 +97,27 @@ struct Report {
 struct SizeRatio {
     size: usize,
     ratio: f64,
+    /// The same ratio of PyTorch's steps, where both were measured beside ours (`--pytorch`).
+    pytorch: Option<f64>,
 }
 
-/// neti+ over ti+ median step time at each size where both ran.
+/// neti+ over ti+ median step time at each size where both ran (and PyTorch's, where both of
+/// its steps were measured beside them).
 fn plus_ratios(rows: &[Row]) -> Vec<SizeRatio> {
+    let find = |case: Case, size: usize| rows.iter().find(|r| r.case == case && r.size == size);
     let median = |case: Case, size: usize| {
-        rows.iter()
-            .find(|r| r.case == case && r.size == size)
+        find(case, size)
             .and_then(|r| r.result.as_ref())
             .map(|x| x.median_s)
+    };
+    let pytorch = |case: Case, size: usize| {
+        find(case, size)
+            .filter(|r| {
+                r.pytorch_from
+                    .as_deref()
+                    .is_some_and(|f| f.starts_with("measured"))
+            })
+            .and_then(|r| r.pytorch_s)
     };
     let mut sizes: Vec<usize> = rows.iter().map(|r| r.size).collect();
     sizes.dedup();
@@ -113,7 +125,14 @@ fn plus_ratios(rows: &[Row]) -> Vec<SizeRatio> {
         .into_iter()
         .filter_map(|size| {
             let ratio = median(Case::NetiPlus, size)? / median(Case::TiPlus, size)?;
-            Some(SizeRatio { size, ratio })
+            let pytorch = pytorch(Case::NetiPlus, size)
+                .zip(pytorch(Case::TiPlus, size))
+                .map(|(n, t)| n / t);
+            Some(SizeRatio {
+                size,
+                ratio,
+                pytorch,
+            })
         })
         .collect()
 }
@@ -192,14 +211,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "weights in {}; median of the timed runs, after {} untimed warm-up run(s) per case; ratio = ours / PyTorch 2.15 (* = measured beside ours, from --pytorch; else SPEC.md §7, same 2-core machine, idle); cpu = CPU seconds of all threads; peak = VmHWM of the case's process, weights included; load = 1-min load average at the start; ti+ and neti+ are whole `train` steps at batch 1 (UNet on 3 prompt pools, AdamW)",
+        "weights in {}; median of the timed runs, after {} untimed warm-up run(s) per case; ratio = ours / PyTorch 2.15 (* = measured beside ours, from --pytorch; else SPEC.md §7, same 2-core machine, idle); cpu = CPU seconds of all threads; peak = VmHWM of the case's process, weights included; load = 1-min load average at the start; ti+ and neti+ are whole `train` steps at batch 1 (UNet on 3 prompt pools, AdamW, VAE weights loaded); PyTorch's neti, ti+ and neti+ are lower bounds (scripts/pytorch-bench.py: no bypass, mapper, InfoNCE, optimizer or VAE)",
         dtype.as_str(),
         report.warmup
     )?;
     for r in &report.neti_plus_over_ti_plus {
+        let beside = r
+            .pytorch
+            .map_or(String::new(), |p| format!("; PyTorch beside it: {p:.2}"));
         writeln!(
             out,
-            "neti+ / ti+ step time at {} px: {:.2} (goal: at most 1.3)",
+            "neti+ / ti+ step time at {} px: {:.2} (goal: at most 1.3{beside})",
             r.size, r.ratio
         )?;
     }
@@ -562,8 +584,17 @@ mod tests {
             plus_ratios(&rows),
             vec![SizeRatio {
                 size: 256,
-                ratio: 1.25
+                ratio: 1.25,
+                pytorch: None
             }]
         );
+        // PyTorch's ratio only where both of its steps were measured beside ours.
+        let mut rows = rows;
+        rows[0].set_pytorch(Some((8.0, None, "measured (pt.jsonl)".into())));
+        assert_eq!(plus_ratios(&rows)[0].pytorch, None);
+        rows[1].set_pytorch(Some((20.0, None, "measured (pt.jsonl)".into())));
+        assert_eq!(plus_ratios(&rows)[0].pytorch, Some(2.5));
+        rows[1].set_pytorch(Some((20.0, None, "SPEC.md §7".into())));
+        assert_eq!(plus_ratios(&rows)[0].pytorch, None);
     }
 }
