@@ -112,11 +112,7 @@ fn plus_ratios(rows: &[Row]) -> Vec<SizeRatio> {
     };
     let pytorch = |case: Case, size: usize| {
         find(case, size)
-            .filter(|r| {
-                r.pytorch_from
-                    .as_deref()
-                    .is_some_and(|f| f.starts_with("measured"))
-            })
+            .filter(|r| r.pytorch_measured())
             .and_then(|r| r.pytorch_s)
     };
     let mut sizes: Vec<usize> = rows.iter().map(|r| r.size).collect();
@@ -384,6 +380,13 @@ fn read_pytorch(path: &Path) -> Result<Vec<PytorchLine>> {
 
 impl Row {
     /// Set the PyTorch figures and the time ratio to them.
+    /// Whether PyTorch's figures were measured beside ours (`--pytorch`), not SPEC.md §7's.
+    fn pytorch_measured(&self) -> bool {
+        self.pytorch_from
+            .as_deref()
+            .is_some_and(|f| f.starts_with("measured"))
+    }
+
     fn set_pytorch(&mut self, figures: Option<(f64, Option<f64>, String)>) {
         if let Some((s, rss, from)) = figures {
             self.pytorch_s = Some(s);
@@ -442,16 +445,7 @@ fn format_row(r: &Row) -> String {
         f(res.map(|x| x.median_backward_s), 2),
         f(res.map(|x| x.median_cpu_s), 1),
         f(r.peak_rss_gib, 2),
-        f(r.pytorch_s, 1)
-            + if r
-                .pytorch_from
-                .as_deref()
-                .is_some_and(|f| f.starts_with("measured"))
-            {
-                "*"
-            } else {
-                ""
-            },
+        f(r.pytorch_s, 1) + if r.pytorch_measured() { "*" } else { "" },
         f(r.time_ratio, 2),
         f(r.pytorch_rss_gib, 1),
         f(r.load_avg, 1),

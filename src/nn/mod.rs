@@ -503,25 +503,52 @@ fn fused_norm(
         Value::Cpu(y, dims.clone().into()),
         Box::new(move |args, _, g| {
             let (x, g) = (args[0].contiguous()?, g.contiguous()?);
-            let dx = {
-                let (xs, xl) = x.storage_and_layout();
-                let (gs, gl) = g.storage_and_layout();
-                let (ws, wl) = w.storage_and_layout();
-                let (bs, bl) = bias.storage_and_layout();
-                norm_act::backward(
-                    cpu_f32(&xs, xl, name)?,
-                    cpu_f32(&gs, gl, name)?,
-                    cpu_f32(&ws, wl, name)?,
-                    cpu_f32(&bs, bl, name)?,
-                    &stats,
-                    d,
-                    silu,
-                )
-            };
+            let dx =
+                fused_norm_input_grad(name, (&x, &g), (&w, &bias), Some(&stats), d, eps, silu)?;
             Ok(vec![Some(Tensor::from_vec(dx, dims.clone(), x.device())?)])
         }),
     )?;
     Ok(Some(y))
+}
+
+/// [`norm_act`]'s input gradient of [`fused_norm`] for contiguous f32 CPU tensors `x` and `g`,
+/// from the forward's statistics, or from statistics recomputed from `x` (a forward pass whose
+/// output is dropped) when `stats` is `None`.
+fn fused_norm_input_grad(
+    name: &'static str,
+    (x, g): (&Tensor, &Tensor),
+    (w, bias): (&Tensor, &Tensor),
+    stats: Option<&norm_act::Stats>,
+    d: norm_act::Dims,
+    eps: f64,
+    silu: bool,
+) -> Result<Vec<f32>> {
+    let (xs, xl) = x.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (bs, bl) = bias.storage_and_layout();
+    let (xv, wv, bv) = (
+        cpu_f32(&xs, xl, name)?,
+        cpu_f32(&ws, wl, name)?,
+        cpu_f32(&bs, bl, name)?,
+    );
+    let recomputed;
+    let stats = match stats {
+        Some(s) => s,
+        None => {
+            recomputed = norm_act::forward(xv, wv, bv, d, eps, silu).1;
+            &recomputed
+        }
+    };
+    Ok(norm_act::backward(
+        xv,
+        cpu_f32(&gs, gl, name)?,
+        wv,
+        bv,
+        stats,
+        d,
+        silu,
+    ))
 }
 
 /// Layer normalisation over the last dimension, composed from differentiable ops.
@@ -566,7 +593,6 @@ impl LayerNorm {
         let c = x.dim(D::Minus1)?;
         let (w, b) = (&self.weight, &self.bias);
         if is_cpu_f32(&x) && is_cpu_f32(&g) && is_cpu_f32(w) && is_cpu_f32(b) {
-            let name = "layer-norm-input-grad";
             let d = norm_act::Dims {
                 b: x.elem_count() / c.max(1),
                 c,
@@ -574,24 +600,28 @@ impl LayerNorm {
                 groups: 1,
             };
             let (w, b) = (w.contiguous()?, b.contiguous()?);
-            let (xs, xl) = x.storage_and_layout();
-            let (gs, gl) = g.storage_and_layout();
-            let (ws, wl) = w.storage_and_layout();
-            let (bs, bl) = b.storage_and_layout();
-            let (xv, wv, bv) = (
-                cpu_f32(&xs, xl, name)?,
-                cpu_f32(&ws, wl, name)?,
-                cpu_f32(&bs, bl, name)?,
-            );
-            let (_, stats) = norm_act::forward(xv, wv, bv, d, self.eps, false);
-            let dx = norm_act::backward(xv, cpu_f32(&gs, gl, name)?, wv, bv, &stats, d, false);
+            let dx = fused_norm_input_grad(
+                "layer-norm-input-grad",
+                (&x, &g),
+                (&w, &b),
+                None,
+                d,
+                self.eps,
+                false,
+            )?;
             return Tensor::from_vec(dx, x.dims(), x.device());
         }
-        let (dtype, sd) = (x.dtype(), stat_dtype(x.dtype()));
-        let (xhat, rstd) = normalize_last(&x.to_dtype(sd)?, self.eps)?;
-        let gw = g.broadcast_mul(w)?.to_dtype(sd)?;
-        normalize_last_backward(&gw, &xhat, &rstd)?.to_dtype(dtype)
+        layer_norm_grad_composed(&x, &g, w, self.eps)
     }
+}
+
+/// The input gradient of a layer norm with weight `w`, from candle's ops (any dtype and
+/// device; half precision computes in f32).
+fn layer_norm_grad_composed(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let (dtype, sd) = (x.dtype(), stat_dtype(x.dtype()));
+    let (xhat, rstd) = normalize_last(&x.detach().to_dtype(sd)?, eps)?;
+    let gw = g.broadcast_mul(w)?.to_dtype(sd)?;
+    normalize_last_backward(&gw, &xhat, &rstd)?.to_dtype(dtype)
 }
 
 /// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension (biased variance, as PyTorch).
@@ -624,12 +654,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
         "layer-norm-frozen",
         &[x],
         y,
-        Box::new(move |args, _, g| {
-            let (xhat, rstd) = normalize_last(&args[0].detach().to_dtype(sd)?, eps)?;
-            let gw = g.broadcast_mul(&w)?.to_dtype(sd)?;
-            let dx = normalize_last_backward(&gw, &xhat, &rstd)?;
-            Ok(vec![Some(dx.to_dtype(dtype)?)])
-        }),
+        Box::new(move |args, _, g| Ok(vec![Some(layer_norm_grad_composed(args[0], g, &w, eps)?)])),
     )
 }
 
