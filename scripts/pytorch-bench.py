@@ -6,8 +6,8 @@ SPEC.md §7's PyTorch figures were taken once, on an idle machine. A shared CPU'
 script and `attractor bench` alternately; `attractor bench --pytorch FILE` takes its ratios from
 the last line this script appended to FILE for each (case, size).
 
-What it times (mirrors `src/bench.rs`; t = 500, every weight frozen, backward to the learned
-rows only, injected after the token embedding):
+What it times: first the cases of `src/bench.rs` (t = 500, every weight frozen, backward to the
+learned rows only, injected after the token embedding):
   ti      CLIP text encoder + UNet forward at batch 1 on "a photo of a <v*>" (the learned row at
           position 5), MSE against random noise, backward;
   neti    as ti, with one learned row per cross-attention layer: the text encoder on the 16
@@ -21,15 +21,49 @@ rows only, injected after the token embedding):
           `attractor train --method ti+`'s step, which the Rust bench times whole);
   neti+   as ti+, with 16 rows per token: the text encoder on 48 prompts, per-layer contexts;
   sample  UNet forward on batch 2 with a random context, classifier-free guidance at 7.5, no grad.
+
+The weight-training baselines: one whole training step (forward, backward, clip_grad_norm_(1.0),
+AdamW step, zero_grad) as diffusers' example trainers take it at their defaults, with prior
+preservation (instance prompts first, then class prompts, as their collate_fn batches them), DDPM
+add_noise at random timesteps from the `configs/sd15` scheduler, random latents in place of the
+VAE encode (frozen, as the ti cases leave it out), no gradient checkpointing; the AdamW exists
+before the warm-up step, which allocates its state:
+  dreambooth        examples/dreambooth/train_dreambooth.py: the frozen text encoder (no grad) on
+                    "a photo of sks dog" and "a photo of dog", every UNet weight trained: UNet
+                    batch 2, mse(instance) + 1.0 * mse(prior), AdamW (lr 5e-6, wd 1e-2) over the
+                    whole UNet, zero_grad(set_to_none=False) (the script's default); weights,
+                    grads and Adam moments are ~14 GB;
+  dreambooth-lora   examples/dreambooth/train_dreambooth_lora.py: the UNet frozen, peft LoRA
+                    (r 4, alpha 4, gaussian init) added with unet.add_adapter on to_q/to_k/to_v/
+                    to_out.0 (128 modules), the same batch-2 step with AdamW (lr 1e-4) over the
+                    LoRA weights only;
+  custom-diffusion  examples/custom_diffusion/train_custom_diffusion.py (freeze_model crossattn_kv):
+                    CustomDiffusionAttnProcessor2_0 on every attention as the script installs it
+                    (the 16 cross-attentions' to_k/to_v copied into trained K/V weights, the
+                    self-attentions untrained), the text encoder frozen but run with grad on
+                    "photo of a <new1> dog" x2 and "photo of a dog" x2 (train_batch_size 2, as
+                    its README), <new1>'s row learned (injected after the token embedding as in
+                    ti, at position 4), UNet batch 4, the script's masked instance MSE (mask all
+                    ones) + 1.0 * prior MSE, AdamW (lr 1e-5 * 2 * 2, --scale_lr) over the 32 K/V
+                    weights and the row. The script itself trains the whole token-embedding
+                    matrix, zeroing every other row's grad: that dense 49409x768 grad and its
+                    AdamW update are not timed here.
+Their lines carry optimizer_s (clip + step + zero_grad) beside forward_s (text encoder, UNet,
+loss) and backward_s; median_s is the whole step.
+
 Random weights (diffusers/transformers initialisers) from the configs in `configs/sd15`, f32, the
-default attention processor (PyTorch's SDPA). Each case runs in its own process, so its peak RSS
-(VmHWM, weights included) is its own; one warm-up run, then the median of --runs.
+default attention processor (PyTorch's SDPA) unless a case says otherwise. Each case runs in its
+own process, so its peak RSS (VmHWM, weights included) is its own; one warm-up run, then the
+median of --runs.
 
 Needs: torch, diffusers, transformers (e.g. torch 2.15, diffusers 0.42.1, transformers 5.24, the
-versions behind SPEC.md §7). Nothing is downloaded: the models are built from the configs.
+versions behind SPEC.md §7), and peft for dreambooth-lora (e.g. 0.21.2). Nothing is downloaded:
+the models are built from the configs.
 
     python3 scripts/pytorch-bench.py --sizes 256,512 --cases ti,sample --runs 3 --out pt.json
     python3 scripts/pytorch-bench.py --sizes 256 --cases ti+,neti+ --runs 2 --out pt.json
+    python3 scripts/pytorch-bench.py --sizes 512 --cases dreambooth-lora,custom-diffusion,dreambooth \\
+        --runs 2 --out pt.json
 """
 
 import argparse
@@ -71,6 +105,13 @@ CASES = {
     "neti+": (["subject", "background", "joint"], True),
     "sample": ([], False),
 }
+# The weight-training baselines (run_baseline): "a photo of sks dog" / "a photo of dog" for
+# DreamBooth; "photo of a <new1> dog" (the learned row at position 4) / "photo of a dog" for
+# Custom Diffusion.
+DREAMBOOTH_PROMPTS = [[BOS, 320, 1125, 539, 48136, 1929], [BOS, 320, 1125, 539, 1929]]
+CUSTOM_PROMPTS = [[BOS, 1125, 539, 320, SLOT, 1929], [BOS, 1125, 539, 320, 1929]]
+CUSTOM_SLOT = 4
+BASELINES = ("dreambooth", "dreambooth-lora", "custom-diffusion")
 
 
 def attn2_order(unet):
@@ -85,7 +126,22 @@ def attn2_order(unet):
     return sorted(names, key=key)
 
 
+def inject_rows(te, batch_index, positions, rows):
+    """Replace the token embeddings at (batch_index[i], positions[i]) by rows[i], in the graph, so
+    that the rows (and only they, in a frozen text encoder) get gradients."""
+    import torch
+
+    index = (torch.tensor(batch_index), torch.tensor(positions))
+
+    def inject(_module, _inputs, out):
+        return out.index_put(index, torch.stack(rows))
+
+    return te.get_input_embeddings().register_forward_hook(inject)
+
+
 def run_case(case, size, runs, seed):
+    if case in BASELINES:
+        return run_baseline(case, size, runs, seed)
     import torch
     import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
@@ -157,12 +213,7 @@ def run_case(case, size, runs, seed):
                     bi.append(j * layers + l)
                     pi.append(pos)
                     vals.append(rows[tok][l])
-        index = (torch.tensor(bi), torch.tensor(pi))
-
-        def inject(_module, _inputs, out):
-            return out.index_put(index, torch.stack(vals))
-
-        handle = te.get_input_embeddings().register_forward_hook(inject)
+        handle = inject_rows(te, bi, pi, vals)
         try:
             t0 = time.perf_counter()
             enc = te(ids).last_hidden_state  # [n * layers, 77, D]
@@ -211,6 +262,193 @@ def run_case(case, size, runs, seed):
     }
 
 
+def run_baseline(case, size, runs, seed):
+    """One whole training step of a diffusers example trainer (the module docstring's
+    dreambooth, dreambooth-lora, custom-diffusion), timed as forward, backward and optimizer."""
+    import itertools
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(
+        UNet2DConditionModel.load_config(os.path.join(CONFIGS, "unet"))
+    )
+    text_cfg = CLIPTextConfig.from_json_file(os.path.join(CONFIGS, "text_encoder", "config.json"))
+    te = CLIPTextModel(text_cfg).eval()
+    te.requires_grad_(False)
+    # DDPMScheduler.from_pretrained(..., subfolder="scheduler") on SD 1.5's (PNDM) config.
+    noise_scheduler = DDPMScheduler.from_config(
+        DDPMScheduler.load_config(os.path.join(CONFIGS, "scheduler"))
+    )
+    length = text_cfg.max_position_embeddings
+
+    def pad(p):
+        return p + [EOS] * (length - len(p))
+
+    row = None
+    if case == "dreambooth":
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+        optimizer = torch.optim.AdamW(params, lr=5e-6, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        set_to_none = False  # optimizer.zero_grad(set_to_none=args.set_grads_to_none), default off
+        prompts, per_prompt = DREAMBOOTH_PROMPTS, 1
+    elif case == "dreambooth-lora":
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet_lora_config = LoraConfig(
+            r=4,
+            lora_alpha=4,
+            lora_dropout=0.0,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"],
+        )
+        unet.add_adapter(unet_lora_config)
+        params = list(filter(lambda p: p.requires_grad, unet.parameters()))
+        optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        set_to_none = True  # optimizer.zero_grad()
+        prompts, per_prompt = DREAMBOOTH_PROMPTS, 1
+    else:
+        from diffusers.models import attention_processor as ap
+
+        unet.requires_grad_(False)
+        attention_class = (
+            getattr(ap, "CustomDiffusionAttnProcessor2_0", None)
+            if hasattr(F, "scaled_dot_product_attention") else None
+        ) or ap.CustomDiffusionAttnProcessor
+        # As train_custom_diffusion.py installs them, --freeze_model crossattn_kv.
+        train_kv = True
+        train_q_out = False
+        custom_diffusion_attn_procs = {}
+        st = unet.state_dict()
+        for name, _ in unet.attn_processors.items():
+            cross_attention_dim = None if name.endswith("attn1.processor") else unet.config.cross_attention_dim
+            if name.startswith("mid_block"):
+                hidden_size = unet.config.block_out_channels[-1]
+            elif name.startswith("up_blocks"):
+                block_id = int(name[len("up_blocks.")])
+                hidden_size = list(reversed(unet.config.block_out_channels))[block_id]
+            elif name.startswith("down_blocks"):
+                block_id = int(name[len("down_blocks.")])
+                hidden_size = unet.config.block_out_channels[block_id]
+            layer_name = name.split(".processor")[0]
+            weights = {
+                "to_k_custom_diffusion.weight": st[layer_name + ".to_k.weight"],
+                "to_v_custom_diffusion.weight": st[layer_name + ".to_v.weight"],
+            }
+            if cross_attention_dim is not None:
+                custom_diffusion_attn_procs[name] = attention_class(
+                    train_kv=train_kv,
+                    train_q_out=train_q_out,
+                    hidden_size=hidden_size,
+                    cross_attention_dim=cross_attention_dim,
+                ).to(unet.device)
+                custom_diffusion_attn_procs[name].load_state_dict(weights)
+            else:
+                custom_diffusion_attn_procs[name] = attention_class(
+                    train_kv=False,
+                    train_q_out=False,
+                    hidden_size=hidden_size,
+                    cross_attention_dim=cross_attention_dim,
+                )
+        del st
+        unet.set_attn_processor(custom_diffusion_attn_procs)
+        layers = [p for p in unet.attn_processors.values() if isinstance(p, torch.nn.Module)]
+        # <new1>'s row, learned; the rest of the text encoder frozen but run with grad.
+        row = (torch.randn(text_cfg.hidden_size) * 0.02).requires_grad_(True)
+        params = [row] + [p for m in layers for p in m.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=1e-5 * 2 * 2, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        set_to_none = False  # optimizer.zero_grad(set_to_none=args.set_grads_to_none), default off
+        prompts, per_prompt = CUSTOM_PROMPTS, 2
+        te.train()
+    unet.train()
+
+    # instance prompts, then class prompts, as the collate_fn concatenates them.
+    ids = torch.tensor([pad(p) for p in prompts for _ in range(per_prompt)])
+    batch = ids.shape[0]
+    h = size // 8
+    # Stands in for vae.encode(pixel_values).latent_dist.sample() * scaling_factor.
+    latents = torch.randn(batch, unet.config.in_channels, h, h)
+    mask = torch.ones(batch, 1, h, h)  # the Custom Diffusion batch's "mask": [B, 1, h, w]
+    trainable = {id(p) for p in params}
+    every = list(unet.parameters()) + list(te.parameters()) + ([row] if row is not None else [])
+
+    def once():
+        handle = None
+        if row is not None:
+            handle = inject_rows(te, list(range(per_prompt)), [CUSTOM_SLOT] * per_prompt,
+                                 [row] * per_prompt)
+        try:
+            t0 = time.perf_counter()
+            noise = torch.randn_like(latents)
+            bsz = latents.shape[0]
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,))
+            timesteps = timesteps.long()
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            if row is None:
+                with torch.no_grad():  # the frozen text encoder: no graph either way
+                    encoder_hidden_states = te(ids, return_dict=False)[0]
+            else:
+                encoder_hidden_states = te(ids)[0]
+            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+            target = noise
+            model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
+            target, target_prior = torch.chunk(target, 2, dim=0)
+            prior_loss = F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
+            if row is None:
+                loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+            else:
+                m = torch.chunk(mask, 2, dim=0)[0]
+                loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+                loss = ((loss * m).sum([1, 2, 3]) / m.sum([1, 2, 3])).mean()
+            loss = loss + 1.0 * prior_loss
+            assert torch.isfinite(loss)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+        finally:
+            if handle is not None:
+                handle.remove()
+        # Untimed: exactly the trained weights have gradients.
+        got = [p for p in every if p.grad is not None]
+        assert len(got) == len(params) and all(id(p) in trainable for p in got), (len(got), len(params))
+        assert row is None or row.grad.abs().amax() > 0
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=set_to_none)
+        t4 = time.perf_counter()
+        return t1 - t0, t2 - t1, t4 - t3, len(got)
+
+    once()  # warm-up: first-touch of the weights, allocator growth, AdamW's state
+    times = [once() for _ in range(runs)]
+    totals = [f + b + o for f, b, o, _ in times]
+    med = statistics.median(totals)
+    i = totals.index(sorted(totals)[(len(totals) - 1) // 2])
+    import diffusers
+
+    return {
+        "case": case,
+        "size": size,
+        "runs": runs,
+        "median_s": med,
+        "forward_s": times[i][0],
+        "backward_s": times[i][1],
+        "optimizer_s": times[i][2],
+        "all_s": totals,
+        "peak_gib": vm_hwm_gib(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "trained_tensors": times[i][3],
+        "trained_params": sum(p.numel() for p in params),
+        "unet_batch": batch,
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="256,512")
@@ -225,16 +463,17 @@ def main():
         return
     for size in (int(s) for s in a.sizes.split(",")):
         for case in a.cases.split(","):
-            if case not in CASES:
-                sys.exit(f"unknown case {case!r}: this script times {', '.join(CASES)}")
+            if case not in CASES and case not in BASELINES:
+                sys.exit(f"unknown case {case!r}: this script times {', '.join([*CASES, *BASELINES])}")
             load = os.getloadavg()[0]
             cmd = [sys.executable, __file__, "--runs", str(a.runs), "--seed", str(a.seed),
                    "--child", case, str(size)]
             res = subprocess.run(cmd, check=True, capture_output=True, text=True)
             row = json.loads(res.stdout.strip().splitlines()[-1])
             row["load"] = load
-            print(f"{case:7} {size:4} px  median {row['median_s']:6.2f} s "
-                  f"(fwd {row['forward_s']:.2f} / bwd {row['backward_s']:.2f})  "
+            opt = f" / opt {row['optimizer_s']:.2f}" if "optimizer_s" in row else ""
+            print(f"{case:16} {size:4} px  median {row['median_s']:6.2f} s "
+                  f"(fwd {row['forward_s']:.2f} / bwd {row['backward_s']:.2f}{opt})  "
                   f"peak {row['peak_gib']:.2f} GiB  load {load:.2f}", flush=True)
             if a.out:
                 with open(a.out, "a") as f:

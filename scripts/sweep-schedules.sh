@@ -32,12 +32,26 @@ $SWEEP_COMMON_USAGE
 Environment:
   ATTRACTOR_BIN          the attractor executable (default: attractor on PATH, else this
                          checkout's target/release or target/debug build)
+  ATTRACTOR_CACHE        where dreambooth, dreambooth-lora, custom-diffusion and
+                         dreambooth-lora+ cache their generated class images (default
+                         ~/.cache/attractor); runs in parallel share them
 
 Example (the tiny test models):
   $(basename -- "$0") --out /tmp/sweep --model tests/fixtures/tiny-sd --subjects dog,cat \\
       --schedules zero,cosine --steps 2 --samples 1 --eval-steps 2 --offline \\
       --clip tests/fixtures/tiny-clip --dino tests/fixtures/tiny-dino \\
       -- --resolution 128 --batch 1 --grad-accum 1
+
+Every method, one subject (the + methods with the cosine schedule; the weight-training
+methods with one class image of two sampling steps). ti+, neti+ and dreambooth-lora+ need
+subject masks in the dataset (DIR/<subject>/masks/, e.g. attractor masks --data DIR --subject
+dog):
+  ATTRACTOR_CACHE=/tmp/sweep-cache $(basename -- "$0") --out /tmp/sweep8 \\
+      --model tests/fixtures/tiny-sd --data DIR --subjects dog --schedules cosine --split test \\
+      --methods ti,ti+,neti,neti+,dreambooth,dreambooth-lora,custom-diffusion,dreambooth-lora+ \\
+      --steps 2 --samples 1 --eval-steps 2 --offline \\
+      --clip tests/fixtures/tiny-clip --dino tests/fixtures/tiny-dino \\
+      -- --resolution 128 --batch 1 --grad-accum 1 --prior-images 1 --prior-steps 2
 EOF
 }
 

@@ -3,6 +3,7 @@
 //! Data flows one way: files -> tensors -> models -> losses / samples -> scores -> reports.
 //! `sd` and `nn` do no I/O and know nothing of the command line.
 
+pub mod adapters;
 pub mod assets;
 pub mod bench;
 pub mod cli;

@@ -82,7 +82,47 @@ pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
     }
 }
 
-/// The loaded SD 1.5 model.
+/// Where a model's weights come from, so that a part can be read again (as trainable `Var`s).
+#[derive(Debug, Clone)]
+pub enum WeightSource {
+    Files(Box<SdFiles>),
+    /// `crate::bench::RandomWeights` with this seed.
+    Random {
+        seed: u64,
+    },
+}
+
+impl WeightSource {
+    /// The weights of `part` (`unet`, `text_encoder`) in `dtype` on `device`.
+    pub fn part(&self, part: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        match self {
+            WeightSource::Files(f) => {
+                let p = match part {
+                    "unet" => &f.unet_weights,
+                    "text_encoder" => &f.text_weights,
+                    "vae" => &f.vae_weights,
+                    other => anyhow::bail!("no model part {other}"),
+                };
+                open_weights(p, dtype, device)
+            }
+            WeightSource::Random { seed } => Ok(crate::bench::RandomWeights::part(
+                *seed, part, dtype, device,
+            )),
+        }
+    }
+
+    /// The files, where the weights came from files.
+    pub fn files(&self) -> Option<&SdFiles> {
+        match self {
+            WeightSource::Files(f) => Some(f),
+            WeightSource::Random { .. } => None,
+        }
+    }
+}
+
+/// The loaded SD 1.5 model. Cloning is cheap: the weights are shared, not copied (a learned
+/// subject that adapts weights holds a clone with its own UNet).
+#[derive(Clone)]
 pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
     pub text: TextEncoder,
@@ -95,6 +135,12 @@ pub struct StableDiffusion {
     pub dtype: DType,
     /// Model id recorded in outputs.
     pub id: String,
+    /// Where the weights came from: the files (a fine-tuned model folder links its unchanged
+    /// parts to them), or the benchmark's random weights.
+    pub source: WeightSource,
+    /// The weights made trainable by `personalize::weights::make_trainable`, by name
+    /// (`unet.<key>`, `text_encoder.<key>`, LoRA factors); empty for a frozen model.
+    pub trainable: Vec<(String, candle_core::Var)>,
 }
 
 impl StableDiffusion {
@@ -136,6 +182,8 @@ impl StableDiffusion {
             device: device.clone(),
             dtype,
             id: files.id.clone(),
+            source: WeightSource::Files(Box::new(files.clone())),
+            trainable: Vec::new(),
         })
     }
 

@@ -224,3 +224,46 @@ fn eval_checkpoints_of_a_neti_run() {
     );
     assert!(config(2).contains("mapper.safetensors"), "{}", config(2));
 }
+
+/// `eval --checkpoints` on a DreamBooth run (the paper's Fig. 1 tracks one): each saved step's
+/// model folder (`model-steps-N/`, the last step's `model/`) is scored on both protocols.
+#[test]
+fn eval_checkpoints_of_a_dreambooth_run() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    common::make_dataset(&data);
+    let run = t.path().join("run");
+    let mut c = bin();
+    c.env("ATTRACTOR_CACHE", t.path().join("cache"))
+        .args(["train", "--model"])
+        .arg(fixtures().join("tiny-sd"))
+        .args(["--resolution", "128", "--offline", "--subject", "dog"])
+        .args([
+            "--method",
+            "dreambooth",
+            "--steps",
+            "2",
+            "--save-every",
+            "1",
+        ])
+        .args(["--prior-images", "1", "--prior-steps", "2", "--lr", "1e-3"])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&run);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(run
+        .join("model-steps-1/unet/diffusion_pytorch_model.safetensors")
+        .is_file());
+    let out = t.path().join("curves");
+    let o = eval_tiny("--checkpoints", &run, &[], Some(&data), &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(out.join("checkpoints.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 4, "2 steps x 2 protocols:\n{csv}");
+    let config = |step: usize| {
+        std::fs::read_to_string(out.join(format!("step-{step}/eval-config.json"))).unwrap()
+    };
+    assert!(config(1).contains("model-steps-1"), "{}", config(1));
+    assert!(config(2).contains("model/unet"), "{}", config(2));
+}

@@ -8,6 +8,8 @@
 
 #[path = "half_precision.rs"]
 mod half_precision;
+#[path = "parity_baselines.rs"]
+mod parity_baselines;
 #[path = "parity_pipeline.rs"]
 mod parity_pipeline;
 #[path = "parity_scorers.rs"]

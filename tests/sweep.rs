@@ -4,6 +4,8 @@
 //!   the report; a rerun does no work (prints skip, touches no run file); a run whose training
 //!   lost its `train.done` is resumed, nothing else redone;
 //! - `attractor report` (in-process) on that sweep writes the tables, plots and page;
+//! - a sweep of all eight methods (one subject, one schedule) reports every method, with the
+//!   method bubble chart;
 //! - `scripts/slurm/submit.sh --dry-run` prints the three sbatch commands with the right array
 //!   sizes, resources and dependencies, and leaves finished work out of the task lists;
 //! - with `ATTRACTOR_TEST_SLURM=1` and a running cluster (`scripts/slurm/local-cluster.sh`),
@@ -339,6 +341,175 @@ fn local_sweep_runs_skips_resumes_and_reports() {
     );
 }
 
+/// Every method, in the order users would type them.
+const ALL_METHODS: [&str; 8] = [
+    "ti",
+    "ti+",
+    "neti",
+    "neti+",
+    "dreambooth",
+    "dreambooth-lora",
+    "custom-diffusion",
+    "dreambooth-lora+",
+];
+
+/// The methods with an attractor: one run per schedule.
+fn is_attractor(method: &str) -> bool {
+    method.ends_with('+')
+}
+
+/// All eight methods in one tiny sweep: one subject, the + methods with the cosine schedule
+/// only, 2 training steps (the weight-training methods with one class image of two sampling
+/// steps, cached in the ATTRACTOR_CACHE given to the script), split-test evaluation only. The
+/// report lists every method in report.json (runs and table, in the paper's order) and draws
+/// the method bubble chart with the four families' colours.
+///
+/// By hand: `ATTRACTOR_TEST_SWEEP8_DIR=/tmp/sweep8 cargo test --test sweep every_method --
+/// --nocapture` keeps everything (data, cache, sweep, report) in that folder.
+#[test]
+fn sweep_of_every_method_reports_all_eight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keep = std::env::var_os("ATTRACTOR_TEST_SWEEP8_DIR").map(PathBuf::from);
+    let t = keep.as_deref().unwrap_or(tmp.path());
+    if keep.is_some() {
+        let _ = std::fs::remove_dir_all(t);
+        std::fs::create_dir_all(t).unwrap();
+    }
+    let data = dataset(t);
+    let bin = private_binary(t);
+    let sweep = t.join("sweep");
+    let cache = t.join("cache");
+    let mut args = sweep_flags(&data, &sweep);
+    // Later options win: these go just before the `--` of the train flags.
+    let dashes = args.iter().position(|a| a == "--").unwrap();
+    let methods = ALL_METHODS.join(",");
+    let mine = [
+        "--jobs",
+        "2",
+        "--subjects",
+        "dog",
+        "--schedules",
+        "cosine",
+        "--split",
+        "test",
+        "--methods",
+        &methods,
+    ];
+    args.splice(dashes..dashes, mine.iter().map(|s| s.to_string()));
+    args.extend(["--prior-images", "1", "--prior-steps", "2"].map(String::from));
+    let env = [
+        ("ATTRACTOR_BIN", bin.to_str().unwrap()),
+        ("ATTRACTOR_CACHE", cache.to_str().unwrap()),
+    ];
+    let t0 = Instant::now();
+    let out = ok(&bash(&script("sweep-schedules.sh"), &args, &env));
+    eprintln!("8-method sweep: {:.1} s", t0.elapsed().as_secs_f64());
+    assert_eq!(out.matches(": train (new)").count(), 8, "{out}");
+    assert_eq!(out.matches(": evaluated in").count(), 8, "{out}");
+    let schedule = |m: &str| if is_attractor(m) { "cosine" } else { "none" };
+    for m in ALL_METHODS {
+        let run = sweep.join("runs/dog").join(m).join(schedule(m));
+        assert!(run.join("train.done").is_file(), "{}", run.display());
+        assert!(run.join("eval/summary.json").is_file(), "{}", run.display());
+        let log = format!("dog__{}__{}.train.log", m.replace('+', "plus"), schedule(m));
+        assert!(sweep.join("logs").join(&log).is_file(), "{log}");
+    }
+    // The baselines' class images went to the script's ATTRACTOR_CACHE: one image, one key
+    // (same model, prompt, sampler and size for every method).
+    let keys: Vec<PathBuf> = std::fs::read_dir(cache.join("class-images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].join("0000.png").is_file());
+    assert!(!keys[0].join("0001.png").exists());
+
+    let report = sweep.join("report");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
+            .unwrap();
+    let mut runs: Vec<(String, String)> = json["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["subject"], "dog");
+            (
+                r["method"].as_str().unwrap().to_string(),
+                r["schedule"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    runs.sort();
+    let mut want: Vec<(String, String)> = ALL_METHODS
+        .iter()
+        .map(|m| {
+            let s = if is_attractor(m) { "cosine" } else { "-" };
+            (m.to_string(), s.to_string())
+        })
+        .collect();
+    want.sort();
+    assert_eq!(runs, want);
+    assert_eq!(json["skipped"].as_array().unwrap().len(), 0, "{json}");
+    let tables = json["tables"].as_array().unwrap();
+    assert_eq!(tables.len(), 1, "split-test only");
+    assert_eq!(tables[0]["split"], "test");
+    let rows: Vec<&str> = tables[0]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["metrics"]["n"], 2, "{r}");
+            for k in ["clip_t", "clip_i", "dino"] {
+                assert!(r["metrics"][k]["mean"].as_f64().unwrap().is_finite(), "{r}");
+            }
+            r["method"].as_str().unwrap()
+        })
+        .collect();
+    // The paper's table order: the base methods, then the + variants.
+    assert_eq!(
+        rows,
+        [
+            "ti",
+            "neti",
+            "dreambooth",
+            "dreambooth-lora",
+            "custom-diffusion",
+            "ti+",
+            "neti+",
+            "dreambooth-lora+"
+        ]
+    );
+    let csv = std::fs::read_to_string(report.join("table-test.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 8, "{csv}");
+    assert!(!report.join("table-train.csv").exists());
+    // The bubble chart, with each family's colour (at least its legend dot).
+    let png = report.join("methods-test.png");
+    let img = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (960, 800));
+    for f in attractor::report::plot::Family::ALL {
+        let c = f.color();
+        let n = img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count();
+        assert!(
+            n > 100,
+            "{}: {n} pixels of its colour in {}",
+            f.name(),
+            png.display()
+        );
+    }
+    for tag in ["tiplus", "netiplus", "dreambooth-loraplus"] {
+        let f = report.join(format!("schedules-{tag}-test.png"));
+        assert!(f.is_file(), "{} missing", f.display());
+    }
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    for m in ALL_METHODS {
+        assert!(
+            html.contains(&format!("<td class=l>{m}</td>")),
+            "report.html lacks {m}"
+        );
+    }
+}
+
 /// Usage errors name the fix; the help lists the knobs.
 #[test]
 fn sweep_script_usage() {
@@ -370,6 +541,31 @@ fn sweep_script_usage() {
         text(&o).1.contains("unknown schedule 'cosin'"),
         "{:?}",
         text(&o)
+    );
+    // Every method is accepted; an unknown one is named with the choices.
+    let o = bash(
+        &script("sweep-schedules.sh"),
+        &[
+            "--out".into(),
+            tmp.path().display().to_string(),
+            "--methods".into(),
+            "ti,dreambooth-lora+,dreambooth-lor".into(),
+        ],
+        &[("ATTRACTOR_BIN", "/bin/true")],
+    );
+    assert!(!o.status.success());
+    let err = text(&o).1;
+    assert!(err.contains("unknown method 'dreambooth-lor'"), "{err}");
+    assert!(
+        err.contains(&format!("choose from: {}", ALL_METHODS.join(" "))),
+        "{err}"
+    );
+    for m in ALL_METHODS {
+        assert!(out.contains(m), "help lacks {m}");
+    }
+    assert!(
+        out.contains("ATTRACTOR_CACHE"),
+        "help lacks ATTRACTOR_CACHE"
     );
     let o = bash(
         &script("sweep-schedules.sh"),
@@ -538,6 +734,56 @@ fn slurm_dry_run_commands() {
     let jobs = sbatch_lines(&ok(&bash(&script("slurm/submit.sh"), &args1, &env)));
     assert_eq!(jobs.keys().collect::<Vec<_>>(), ["report"]);
     assert_eq!(flag(&jobs["report"], "--dependency"), None);
+}
+
+/// `submit.sh --dry-run --methods <all eight>`: one run per subject for the methods without
+/// an attractor, one per schedule for ti+, neti+ and dreambooth-lora+.
+#[test]
+fn slurm_dry_run_every_method() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sweep = tmp.path().join("sweep");
+    let methods = ALL_METHODS.join(",");
+    let args: Vec<String> = [
+        "--dry-run",
+        "--out",
+        sweep.to_str().unwrap(),
+        "--subjects",
+        "dog,cat",
+        "--schedules",
+        "zero,cosine",
+        "--methods",
+        &methods,
+        "--shards",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let env = [("ATTRACTOR_BIN", "/opt/attractor"), ("SLURM_GPUS", "0")];
+    let out = ok(&bash(&script("slurm/submit.sh"), &args, &env));
+    let jobs = sbatch_lines(&out);
+    // 2 subjects x (5 methods x 1 run + 3 methods x 2 schedules).
+    let runs = 2 * (5 + 3 * 2);
+    assert_eq!(
+        flag(&jobs["train"], "--array"),
+        Some(format!("0-{}", runs - 1).as_str())
+    );
+    assert_eq!(
+        flag(&jobs["eval"], "--array"),
+        Some(format!("0-{}", runs - 1).as_str())
+    );
+    let tasks = std::fs::read_to_string(sweep.join("slurm/submit-1/train-tasks.tsv")).unwrap();
+    for line in [
+        "dog\tdreambooth\tnone",
+        "dog\tdreambooth-lora\tnone",
+        "cat\tcustom-diffusion\tnone",
+        "dog\tdreambooth-lora+\tzero",
+        "cat\tdreambooth-lora+\tcosine",
+        "dog\tti+\tcosine",
+    ] {
+        assert!(tasks.lines().any(|l| l == line), "{line:?} not in\n{tasks}");
+    }
+    assert!(!tasks.contains("dreambooth\tzero") && !tasks.contains("custom-diffusion\tcosine"));
 }
 
 /// The sweep through real Slurm job arrays on a running cluster (opt-in: ATTRACTOR_TEST_SLURM=1

@@ -7,7 +7,7 @@ use attractor::data::layout::Dataset;
 use attractor::hub::{resolve_sd, ModelSource};
 use attractor::personalize::method::Method;
 use attractor::personalize::settings::TrainSettings;
-use attractor::personalize::trainer::Trainer;
+use attractor::personalize::trainer::{prepare_model, Trainer};
 use attractor::pipeline::StableDiffusion;
 use candle_core::{DType, Device};
 use common::fixtures;
@@ -151,9 +151,9 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
     let data = dataset(tmp.path(), true);
     let ds = Dataset::open(&data).unwrap();
     let subject = ds.subject("dog").unwrap();
-    let sd = load_tiny();
+    let cache = tmp.path().join("cache");
     for method in Method::ALL {
-        let s = TrainSettings {
+        let mut s = TrainSettings {
             method,
             resolution: 128,
             // One image of each per micro-batch (an epoch): every attractor is in the batch.
@@ -162,7 +162,26 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
             steps: Some(10),
             ..TrainSettings::default()
         };
-        let mut t = Trainer::new(&sd, s.resolve().unwrap(), &subject, &data).unwrap();
+        // The baselines: two generated class images, the text encoder trained too.
+        s.baseline.prior_images = 2;
+        s.baseline.prior_steps = 2;
+        s.baseline.train_text_encoder =
+            matches!(method, Method::DreamBooth | Method::DreamBoothLora);
+        let resolved = s.resolve().unwrap();
+        let mut sd = load_tiny();
+        let class_images =
+            prepare_model(&mut sd, &resolved, &subject, &cache, &mut |_, _, _| {}).unwrap();
+        assert_eq!(
+            class_images.len(),
+            if method.trains_weights() { 2 } else { 0 }
+        );
+        let mut t = Trainer::new(&sd, resolved, &subject, &data).unwrap();
+        t.set_class_images(&class_images).unwrap();
+        if method.weight_training() == attractor::personalize::WeightTraining::Lora {
+            // LoRA starts with B = 0, where A's gradient is exactly zero (peft's init too):
+            // one step makes B non-zero.
+            t.train_step().unwrap();
+        }
         let norms = t.gradient_norms().unwrap();
         assert!(!norms.is_empty());
         for (name, n) in norms {
@@ -467,14 +486,504 @@ fn toml_preset_and_flags_merge() {
         "ti lr scaled by batch 2: {}",
         r.lr
     );
-    for preset in ["ti", "ti+", "neti", "neti+", "paper"] {
+    for preset in [
+        "ti",
+        "ti+",
+        "neti",
+        "neti+",
+        "paper",
+        "dreambooth",
+        "dreambooth-lora",
+        "dreambooth-lora+",
+        "custom-diffusion",
+    ] {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("configs/{preset}.toml"));
         let mut a = TrainArgs::default();
         a.common.config = Some(path);
-        resolve_settings(&a).unwrap().resolve().unwrap();
+        let r = resolve_settings(&a).unwrap().resolve().unwrap();
+        if preset != "paper" {
+            assert_eq!(r.s.method.name(), preset);
+        }
+        // The baselines' presets give the recipes of their READMEs (SPEC.md §8).
+        let want = match preset {
+            "dreambooth" => Some((5e-6, 800, 1)),
+            "dreambooth-lora" | "dreambooth-lora+" => Some((1e-4, 500, 1)),
+            "custom-diffusion" => Some((1e-5 * 2.0 * 2.0, 250, 2)),
+            _ => None,
+        };
+        if let Some((lr, steps, batch)) = want {
+            assert!((r.lr - lr).abs() < 1e-15, "{preset}: lr {}", r.lr);
+            assert_eq!((r.steps, r.batch), (steps, batch), "{preset}");
+            assert_eq!(r.s.baseline.prior_images, 200, "{preset}");
+            assert_eq!(r.s.baseline.max_grad_norm, 1.0, "{preset}");
+        }
+        // The methods' own defaults equal their presets.
+        let plain = TrainSettings {
+            method: r.s.method,
+            ..TrainSettings::default()
+        }
+        .resolve()
+        .unwrap();
+        if want.is_some() {
+            assert_eq!(
+                (plain.lr, plain.steps, plain.batch),
+                (r.lr, r.steps, r.batch),
+                "{preset}"
+            );
+        }
     }
     std::fs::write(&p, "methd = \"ti\"\n").unwrap();
     args.common.config = Some(p);
     let e = resolve_settings(&args).unwrap_err();
     assert!(format!("{e:#}").contains("p.toml"), "{e:#}");
+}
+
+/// `train` for a weight-training baseline: two generated class images (two sampler steps),
+/// cached in `cache`.
+fn train_baseline(
+    data: &Path,
+    out: &Path,
+    cache: &Path,
+    method: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    bin()
+        .env("ATTRACTOR_CACHE", cache)
+        .args(["train", "--model"])
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(data)
+        .args([
+            "--subject",
+            "dog",
+            "--method",
+            method,
+            "--resolution",
+            "128",
+        ])
+        .args([
+            "--prior-images",
+            "2",
+            "--prior-steps",
+            "2",
+            "--offline",
+            "--out",
+        ])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn sample_run(run: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut c = bin();
+    c.args([
+        "sample",
+        "--prompt",
+        "a photo of {} on a beach",
+        "--steps",
+        "2",
+    ])
+    .args(["--offline", "--model"])
+    .arg(tiny_model())
+    .arg("--out")
+    .arg(out);
+    if !run.as_os_str().is_empty() {
+        c.arg("--run").arg(run);
+    }
+    c.args(extra).output().unwrap()
+}
+
+/// Every baseline trains two steps with prior preservation from the command line: finite
+/// instance and prior losses, the gradient norm logged, the files users load written, and the
+/// class images generated once and reused by the next run.
+#[test]
+fn baselines_train_with_prior_preservation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), true);
+    let cache = tmp.path().join("cache");
+    for (method, extra, files) in [
+        (
+            "dreambooth",
+            vec!["--train-text-encoder"],
+            vec![
+                "model/unet/diffusion_pytorch_model.safetensors",
+                "model/unet/config.json",
+                "model/text_encoder/model.safetensors",
+                "model/vae/diffusion_pytorch_model.safetensors",
+                "model/scheduler/scheduler_config.json",
+                "model/tokenizer/tokenizer.json",
+                "model/model_index.json",
+            ],
+        ),
+        (
+            "dreambooth-lora",
+            vec![],
+            vec!["pytorch_lora_weights.safetensors", "lora-kohya.safetensors"],
+        ),
+        (
+            "custom-diffusion",
+            vec![],
+            vec![
+                "pytorch_custom_diffusion_weights.safetensors",
+                "<new1>.safetensors",
+            ],
+        ),
+        (
+            "dreambooth-lora+",
+            vec![],
+            vec![
+                "pytorch_lora_weights.safetensors",
+                "lora-kohya.safetensors",
+                "attractors.safetensors",
+            ],
+        ),
+    ] {
+        let out = tmp.path().join(method.replace('+', "plus"));
+        let mut args = vec!["--steps", "2"];
+        args.extend(extra);
+        let o = train_baseline(&data, &out, &cache, method, &args);
+        ok(&o);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(
+            err.contains("trains") && err.contains("parameters"),
+            "{err}"
+        );
+        let m = metrics(&out);
+        assert_eq!(m.len(), 2, "{method}");
+        for line in &m {
+            for k in ["loss", "prior", "grad_norm"] {
+                let v = line[k]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{method}: no {k} in {line}"));
+                assert!(v.is_finite() && v > 0.0, "{method}: {k} = {v}");
+            }
+        }
+        for f in files {
+            assert!(out.join(f).is_file(), "{method}: {f} missing");
+        }
+    }
+    // The class images: made by the first run, reused by the others.
+    let dirs: Vec<_> = std::fs::read_dir(cache.join("class-images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        dirs.len(),
+        1,
+        "one cache key: same model, prompt, sampler, size"
+    );
+    for i in 0..2 {
+        assert!(dirs[0].join(format!("{i:04}.png")).is_file());
+    }
+    assert!(dirs[0].join("key.json").is_file());
+}
+
+/// Two steps in one go and one step + `--resume --steps 2` give the same bytes: the adapter or
+/// UNet weights, AdamW moments, RNG and the class images' order.
+#[test]
+fn baselines_resume_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), true);
+    let cache = tmp.path().join("cache");
+    for (method, file) in [
+        ("dreambooth-lora", "pytorch_lora_weights.safetensors"),
+        (
+            "dreambooth",
+            "model/unet/diffusion_pytorch_model.safetensors",
+        ),
+        (
+            "custom-diffusion",
+            "pytorch_custom_diffusion_weights.safetensors",
+        ),
+        ("dreambooth-lora+", "attractors.safetensors"),
+    ] {
+        let full = tmp.path().join(format!("{method}-full"));
+        ok(&train_baseline(
+            &data,
+            &full,
+            &cache,
+            method,
+            &["--steps", "3", "--save-every", "1"],
+        ));
+        let half = tmp.path().join(format!("{method}-half"));
+        ok(&train_baseline(
+            &data,
+            &half,
+            &cache,
+            method,
+            &["--steps", "1"],
+        ));
+        let o = bin()
+            .env("ATTRACTOR_CACHE", &cache)
+            .args(["train", "--resume"])
+            .arg(&half)
+            .args(["--steps", "3", "--offline", "--model"])
+            .arg(tiny_model())
+            .output()
+            .unwrap();
+        ok(&o);
+        assert_eq!(
+            bytes(&full.join(file)),
+            bytes(&half.join(file)),
+            "{method}: resumed run differs"
+        );
+        let meta = |run: &Path| {
+            attractor::files::read_safetensors_metadata(&run.join("checkpoints/step-3.safetensors"))
+                .unwrap()
+        };
+        let (ma, mb) = (meta(&full), meta(&half));
+        for k in [
+            "step",
+            "adam_t",
+            "rng_seed",
+            "rng_word_pos",
+            "class_order",
+            "class_cursor",
+        ] {
+            assert_eq!(ma.get(k), mb.get(k), "{method}: checkpoint {k} differs");
+        }
+        // --save-every keeps each step's files for eval --checkpoints.
+        let step1 = attractor::personalize::generate::learned_file_names(
+            &serde_json::from_str(&std::fs::read_to_string(full.join("config.json")).unwrap())
+                .unwrap(),
+            "-steps-1",
+        );
+        for f in step1 {
+            assert!(full.join(&f).is_file(), "{method}: {f} missing");
+        }
+    }
+}
+
+/// A LoRA run samples with `sample --run`, and its two files (diffusers and kohya layouts)
+/// applied to the base model with `--lora` give the very same image; a DreamBooth run's model
+/// folder loads as `--model`; a Custom Diffusion run's folder loads with `--custom-diffusion`.
+#[test]
+fn baseline_runs_sample_and_their_files_load_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), false);
+    let cache = tmp.path().join("cache");
+    let t = tmp.path();
+    // LoRA, with a large learning rate so that the adapter changes the image.
+    let lora = t.join("lora");
+    ok(&train_baseline(
+        &data,
+        &lora,
+        &cache,
+        "dreambooth-lora",
+        &["--steps", "2", "--lr", "0.05"],
+    ));
+    let run_img = t.join("s-run");
+    ok(&sample_run(&lora, &run_img, &[]));
+    let img = |dir: &Path| bytes(&dir.join("000-seed0.png"));
+    for (i, f) in [
+        "pytorch_lora_weights.safetensors",
+        "lora-kohya.safetensors:1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = t.join(format!("s-lora{i}"));
+        let spec = format!("{}", lora.join(f).display());
+        let o = bin()
+            .args([
+                "sample",
+                "--prompt",
+                "a photo of sks dog on a beach",
+                "--steps",
+                "2",
+            ])
+            .args(["--offline", "--model"])
+            .arg(tiny_model())
+            .arg("--out")
+            .arg(&out)
+            .args(["--lora", &spec])
+            .output()
+            .unwrap();
+        ok(&o);
+        assert!(String::from_utf8_lossy(&o.stderr).contains("strength 1"));
+        assert_eq!(
+            img(&out),
+            img(&run_img),
+            "--lora {f} differs from sample --run"
+        );
+    }
+    let base = t.join("s-base");
+    let o = bin()
+        .args([
+            "sample",
+            "--prompt",
+            "a photo of sks dog on a beach",
+            "--steps",
+            "2",
+        ])
+        .args(["--offline", "--model"])
+        .arg(tiny_model())
+        .arg("--out")
+        .arg(&base)
+        .output()
+        .unwrap();
+    ok(&o);
+    assert_ne!(
+        img(&base),
+        img(&run_img),
+        "the trained LoRA changed nothing"
+    );
+    // A LoRA for another model is refused, naming the key and the shapes.
+    let bad = t.join("bad.safetensors");
+    let w =
+        candle_core::safetensors::load(lora.join("pytorch_lora_weights.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut w: Vec<(String, candle_core::Tensor)> = w.into_iter().collect();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w[0].1 = candle_core::Tensor::zeros((4, 7), DType::F32, &Device::Cpu).unwrap();
+    attractor::files::save_safetensors(&bad, &w, &Default::default()).unwrap();
+    let o = bin()
+        .args([
+            "sample",
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--offline",
+            "--model",
+        ])
+        .arg(tiny_model())
+        .arg("--out")
+        .arg(t.join("s-bad"))
+        .arg("--lora")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains(
+            &w[0]
+                .0
+                .replace(".lora.down.weight", "")
+                .replace(".lora.up.weight", "")
+        ) || e.contains("[4, 7]"),
+        "{e}"
+    );
+    assert!(!e.contains("stack backtrace"), "{e}");
+
+    // DreamBooth: the run samples, and its model folder is a model of its own.
+    let db = t.join("db");
+    ok(&train_baseline(
+        &data,
+        &db,
+        &cache,
+        "dreambooth",
+        &["--steps", "1", "--lr", "0.001"],
+    ));
+    let a = t.join("s-db-run");
+    ok(&sample_run(&db, &a, &[]));
+    let b = t.join("s-db-model");
+    let o = bin()
+        .args([
+            "sample",
+            "--prompt",
+            "a photo of sks dog on a beach",
+            "--steps",
+            "2",
+        ])
+        .args(["--offline", "--model"])
+        .arg(db.join("model"))
+        .arg("--out")
+        .arg(&b)
+        .output()
+        .unwrap();
+    ok(&o);
+    assert_eq!(
+        img(&a),
+        img(&b),
+        "--model RUN/model differs from sample --run"
+    );
+
+    // Custom Diffusion: sample --run and sample --custom-diffusion RUN agree.
+    let cd = t.join("cd");
+    ok(&train_baseline(
+        &data,
+        &cd,
+        &cache,
+        "custom-diffusion",
+        &["--steps", "1", "--lr", "0.01"],
+    ));
+    let a = t.join("s-cd-run");
+    ok(&sample_run(&cd, &a, &[]));
+    let b = t.join("s-cd-dir");
+    let o = bin()
+        .args([
+            "sample",
+            "--prompt",
+            "a photo of <new1> dog on a beach",
+            "--steps",
+            "2",
+        ])
+        .args(["--offline", "--model"])
+        .arg(tiny_model())
+        .arg("--out")
+        .arg(&b)
+        .arg("--custom-diffusion")
+        .arg(&cd)
+        .output()
+        .unwrap();
+    ok(&o);
+    assert_eq!(
+        img(&a),
+        img(&b),
+        "--custom-diffusion RUN differs from sample --run"
+    );
+}
+
+/// The baselines' bad input, refused before any class image is made: masks missing for
+/// dreambooth-lora+ (ti+'s message), a modifier token already in CLIP's vocabulary, a LoRA rank
+/// larger than the layers; no backtrace.
+#[test]
+fn baseline_bad_input_is_refused_with_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), false);
+    let cache = tmp.path().join("cache");
+    for (method, extra, says) in [
+        ("dreambooth-lora+", vec![], vec!["mask", "attractor masks"]),
+        (
+            "custom-diffusion",
+            vec!["--modifier-token", "<|endoftext|>"],
+            vec!["--modifier-token", "already in the tokenizer's vocabulary"],
+        ),
+        (
+            "dreambooth-lora",
+            vec!["--lora-rank", "1000"],
+            vec!["--lora-rank 1000", "Fix"],
+        ),
+        (
+            "dreambooth",
+            vec!["--identifier", "two words"],
+            vec!["--identifier"],
+        ),
+    ] {
+        let out = tmp.path().join(method.replace('+', "plus"));
+        let mut args = vec!["--steps", "1"];
+        args.extend(extra);
+        let o = train_baseline(&data, &out, &cache, method, &args);
+        assert!(!o.status.success(), "{method} {args:?} was accepted");
+        let e = String::from_utf8_lossy(&o.stderr);
+        for s in says {
+            assert!(e.contains(s), "{method}: {s:?} not in: {e}");
+        }
+        assert!(
+            !e.contains("stack backtrace") && !e.contains("panicked"),
+            "{e}"
+        );
+    }
+    // The mask check comes before the class images.
+    assert!(
+        !cache.join("class-images").exists() || {
+            std::fs::read_dir(cache.join("class-images"))
+                .unwrap()
+                .count()
+                <= 1
+        }
+    );
 }

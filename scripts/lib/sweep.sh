@@ -9,8 +9,11 @@
 #                                                finished when eval/summary.json exists
 #   logs/                                        one log per step of each run
 #   report/                                      `attractor report SWEEP_DIR`
-# Methods without an attractor (ti, neti) do not use a schedule: their one run per subject
-# lives in runs/<subject>/<method>/none.
+# Methods without an attractor (ti, neti and the weight-training baselines dreambooth,
+# dreambooth-lora, custom-diffusion) do not use a schedule: their one run per subject lives in
+# runs/<subject>/<method>/none. The attractor methods (ti+, neti+, dreambooth-lora+) get one run
+# per schedule. The baselines generate class images for prior preservation once and cache them
+# in $ATTRACTOR_CACHE (default ~/.cache/attractor), shared by every run and subject of a class.
 #
 # The caller sets these arrays / variables before calling the functions:
 #   ATTRACTOR_CMD  the attractor executable (an array: e.g. (/path/attractor))
@@ -20,7 +23,7 @@
 #   SWEEP_DIR      the sweep folder
 
 SWEEP_ALL_SCHEDULES=(zero one linear exponential sigmoid cosine)
-SWEEP_ALL_METHODS=(ti ti+ neti neti+)
+SWEEP_ALL_METHODS=(ti ti+ neti neti+ dreambooth dreambooth-lora custom-diffusion dreambooth-lora+)
 SWEEP_NO_SCHEDULE=none
 
 sweep_die() {
@@ -45,8 +48,9 @@ sweep_subjects_of() {
     grep -o '"name"[[:space:]]*:[[:space:]]*"[^"]*"' "$file" | sed 's/.*"\([^"]*\)"$/\1/'
 }
 
+# True for the methods with attractor tokens and a contrastive schedule (one run per schedule).
 sweep_is_attractor() {
-    [[ "$1" == "ti+" || "$1" == "neti+" ]]
+    [[ "$1" == "ti+" || "$1" == "neti+" || "$1" == "dreambooth-lora+" ]]
 }
 
 # Check a method / schedule name against the CLI's choices.
@@ -327,9 +331,16 @@ sweep_write_env() {
 # shellcheck disable=SC2016,SC2034
 SWEEP_COMMON_USAGE='  --out SWEEP_DIR        where runs/, logs/ and report/ go (required)
   --subjects a,b         subjects (default: every subject in the dataset'"'"'s subjects.json)
-  --methods m,...        ti, ti+, neti, neti+ (default neti+); ti and neti train once per
-                         subject (their runs go to runs/<subject>/<method>/none)
-  --schedules s,...      zero, one, linear, exponential, sigmoid, cosine (default: all six)
+  --methods m,...        ti, ti+, neti, neti+, dreambooth, dreambooth-lora,
+                         custom-diffusion, dreambooth-lora+ (default neti+); the methods
+                         without an attractor (ti, neti, dreambooth, dreambooth-lora,
+                         custom-diffusion) train once per subject (their runs go to
+                         runs/<subject>/<method>/none), ti+, neti+ and dreambooth-lora+ once
+                         per schedule. The weight-training methods generate class images for
+                         prior preservation (attractor train --prior-images N, default 200,
+                         --prior-steps N, default 50), cached in $ATTRACTOR_CACHE
+  --schedules s,...      zero, one, linear, exponential, sigmoid, cosine (default: all six;
+                         used by ti+, neti+, dreambooth-lora+)
   --model M              SD 1.5 weights: a folder or a hub repo id (attractor --model)
   --data DIR             dataset (default: $ATTRACTOR_DATA or the bundled data/dreambooth-split)
   --steps N              training steps (attractor train --steps)
@@ -340,6 +351,7 @@ SWEEP_COMMON_USAGE='  --out SWEEP_DIR        where runs/, logs/ and report/ go (
   --device D, --seed N, --offline
                          passed to every attractor command
   --train-args "..."     extra flags for attractor train (also: any flag not listed here,
-                         and everything after --, e.g. --resolution 256 --batch 1)
+                         and everything after --, e.g. --resolution 256 --batch 1
+                         --prior-images 100)
   --eval-args "..."      extra flags for attractor eval (e.g. "--guidance 5")
   -h, --help             this message'

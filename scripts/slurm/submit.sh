@@ -39,6 +39,10 @@ Environment (defaults in brackets; unset = the cluster's default / the flag is l
   ATTRACTOR_BIN          attractor executable, reachable from the compute nodes
                          [attractor on PATH, else this checkout's target/release build]
   ATTRACTOR_JOB_SETUP    shell commands each job runs first, e.g. "module load cuda/12" []
+  ATTRACTOR_CACHE        class-image cache of dreambooth, dreambooth-lora, custom-diffusion and
+                         dreambooth-lora+ (sbatch passes it on to the jobs); put it on a file
+                         system every node sees, so the array's tasks share the images
+                         [~/.cache/attractor]
   SBATCH                 the sbatch command [sbatch]
   SLURM_PARTITION        partition of the GPU jobs []
   SLURM_REPORT_PARTITION partition of the merge + report job (CPU only) [SLURM_PARTITION]

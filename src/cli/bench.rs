@@ -24,7 +24,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_values_t = vec![256usize, 512])]
     pub sizes: Vec<usize>,
     /// Cases to run, comma-separated: ti, neti, ti+, neti+, sample.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Case::ALL.to_vec())]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Case::DEFAULT.to_vec())]
     pub cases: Vec<Case>,
     /// Runs per case; the table reports the median.
     #[arg(long, default_value_t = 3)]
@@ -471,7 +471,7 @@ mod tests {
     fn flags_default_and_parse() {
         let w = Wrap::try_parse_from(["x"]).unwrap();
         assert_eq!(w.b.sizes, vec![256, 512]);
-        assert_eq!(w.b.cases, Case::ALL.to_vec());
+        assert_eq!(w.b.cases, Case::DEFAULT.to_vec());
         assert_eq!(w.b.runs, 3);
         assert_eq!(
             w.b.warmup, 1,
@@ -490,7 +490,21 @@ mod tests {
         assert_eq!(w.b.sizes, vec![128]);
         assert_eq!(w.b.cases, vec![Case::Ti, Case::Sample]);
         assert_eq!(w.b.runs, 1);
-        assert!(Wrap::try_parse_from(["x", "--cases", "dreambooth"]).is_err());
+        assert!(Wrap::try_parse_from(["x", "--cases", "dreambooth-full"]).is_err());
+        let w = Wrap::try_parse_from([
+            "x",
+            "--cases",
+            "dreambooth,dreambooth-lora,custom-diffusion",
+        ])
+        .unwrap();
+        assert_eq!(
+            w.b.cases,
+            vec![
+                Case::DreamBooth,
+                Case::DreamBoothLora,
+                Case::CustomDiffusion
+            ]
+        );
         let w = Wrap::try_parse_from(["x", "--cases", "ti+,neti+"]).unwrap();
         assert_eq!(w.b.cases, vec![Case::TiPlus, Case::NetiPlus]);
     }

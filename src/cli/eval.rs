@@ -251,9 +251,7 @@ impl Generator for RunImages {
     }
 
     fn placeholder(&self, _subject: &str) -> Option<String> {
-        Some(crate::personalize::prompts::placeholder_text(
-            self.subject.info.placeholder_tokens.len(),
-        ))
+        Some(self.subject.info.subject_text())
     }
 }
 

@@ -47,6 +47,27 @@ pub struct SampleArgs {
     /// Sample attractor K's learned background instead of the subject (`{}` -> `<aK*>`).
     #[arg(long)]
     pub attractor: Option<usize>,
+    /// Apply a LoRA file (diffusers, peft or kohya/A1111 layout, made by attractor or another
+    /// tool) at strength SCALE (default 1), folded into the weights; repeatable.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub lora: Vec<String>,
+    /// Apply a Custom Diffusion folder (diffusers' `save_attn_procs` output and its
+    /// `<new1>.safetensors`, or attractor's): its K/V weights, and its tokens for the prompt.
+    #[arg(long, value_name = "DIR")]
+    pub custom_diffusion: Option<PathBuf>,
+}
+
+/// `FILE[:SCALE]` of `--lora`: the scale is what follows the last `:` when it is a number.
+pub fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64)> {
+    if let Some((path, scale)) = spec.rsplit_once(':') {
+        if let Ok(v) = scale.parse::<f64>() {
+            if !v.is_finite() {
+                anyhow::bail!("--lora {spec}: the scale must be a finite number");
+            }
+            return Ok((PathBuf::from(path), v));
+        }
+    }
+    Ok((PathBuf::from(spec), 1.0))
 }
 
 pub fn model_source(common: &Common) -> Result<ModelSource> {
@@ -84,7 +105,65 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("samples"));
-    let sd = load_model(&args.common)?;
+    let specs = args
+        .lora
+        .iter()
+        .map(|l| parse_lora_spec(l))
+        .collect::<Result<Vec<_>>>()?;
+    for (p, _) in &specs {
+        if !p.is_file() {
+            anyhow::bail!("--lora {}: no such file", p.display());
+        }
+    }
+    if let Some(d) = &args.custom_diffusion {
+        if !d.is_dir() {
+            anyhow::bail!("--custom-diffusion {}: not a folder (give the folder holding pytorch_custom_diffusion_weights.safetensors)", d.display());
+        }
+    }
+    let mut sd = load_model(&args.common)?;
+    for (p, scale) in &specs {
+        let known = crate::personalize::weights::lora_targets(&mut sd);
+        let (lora, layout) = crate::adapters::lora::read(p, &known, &sd.device)?;
+        crate::personalize::weights::apply_lora(&mut sd, &lora, *scale, &p.display().to_string())?;
+        eprintln!(
+            "applied {} ({layout:?} layout, {} modules) at strength {scale}",
+            p.display(),
+            lora.modules.len()
+        );
+    }
+    let mut extra = None;
+    if let Some(d) = &args.custom_diffusion {
+        let cd = crate::adapters::custom_diffusion::read_folder(d, "", &sd.device)?;
+        crate::personalize::weights::apply_custom_diffusion(
+            &mut sd,
+            &cd.kv,
+            &d.display().to_string(),
+        )?;
+        let names: Vec<String> = cd.tokens.iter().map(|(t, _)| t.clone()).collect();
+        let vocab = sd.text.config.vocab_size as u32;
+        let ids = sd
+            .tokenizer
+            .add_tokens(&names)
+            .with_context(|| format!("--custom-diffusion {}", d.display()))?;
+        for (j, id) in ids.iter().enumerate() {
+            if *id != vocab + j as u32 {
+                anyhow::bail!(
+                    "token {} got id {id}, expected {}",
+                    names[j],
+                    vocab + j as u32
+                );
+            }
+        }
+        let rows: Vec<candle_core::Tensor> = cd.tokens.iter().map(|(_, r)| r.clone()).collect();
+        extra = Some(candle_core::Tensor::cat(&rows, 0)?.to_dtype(sd.dtype)?);
+        eprintln!(
+            "applied {} ({} K/V weights; tokens {})",
+            d.display(),
+            cd.kv.len(),
+            names.join(", ")
+        );
+    }
+    let sd = sd;
     let native = sd.unet.config.sample_size * 8;
     let settings = SampleSettings {
         steps: args.steps,
@@ -127,7 +206,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
                 s,
                 &mut on_step,
             )?,
-            None => sd.generate(&settings, &args.prompt, None, s, &mut on_step)?,
+            None => sd.generate(&settings, &args.prompt, extra.as_ref(), s, &mut on_step)?,
         };
         pb.finish_and_clear();
         let path = out.join(format!("{i:03}-seed{s}.png"));
@@ -144,6 +223,8 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         "run": args.run,
         "truncation": args.truncation,
         "attractor": args.attractor,
+        "lora": args.lora,
+        "custom_diffusion": args.custom_diffusion,
         "images": written,
     });
     crate::files::atomic_write(

@@ -63,6 +63,43 @@ pub struct TrainArgs {
     /// Write validation images every N steps (0 = off).
     #[arg(long)]
     pub validate_every: Option<usize>,
+    /// DreamBooth's subject word (default `sks`; a rare single CLIP token).
+    #[arg(long)]
+    pub identifier: Option<String>,
+    /// The baselines' instance prompt (`{identifier}`, `{class}` are filled in).
+    #[arg(long)]
+    pub instance_prompt: Option<String>,
+    /// Prior preservation's class prompt (default `a photo of {class}`).
+    #[arg(long)]
+    pub class_prompt: Option<String>,
+    /// Class images generated for prior preservation (default 200; 0 = none).
+    #[arg(long)]
+    pub prior_images: Option<usize>,
+    /// Weight of the prior loss (default 1.0).
+    #[arg(long)]
+    pub prior_loss_weight: Option<f64>,
+    /// Sampler steps of the generated class images (default 50).
+    #[arg(long)]
+    pub prior_steps: Option<usize>,
+    /// Fine-tune the text encoder too (dreambooth: all of it; dreambooth-lora: LoRA on its
+    /// attention projections).
+    #[arg(long)]
+    pub train_text_encoder: bool,
+    /// LoRA rank (default 4).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha (default: the rank).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Clip the gradients' total norm (weight-training methods; default 1.0, 0 = off).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Recompute each UNet block in the backward pass (less memory for the full fine-tune).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Custom Diffusion's modifier token (default `<new1>`).
+    #[arg(long)]
+    pub modifier_token: Option<String>,
 }
 
 /// Flags over TOML over defaults: the settings this command runs with.
@@ -99,7 +136,7 @@ pub fn resolve_settings(args: &TrainArgs) -> Result<TrainSettings> {
         s.base_lr = args.lr;
     }
     if args.no_scale_lr {
-        s.scale_lr = false;
+        s.scale_lr = Some(false);
     }
     if let Some(v) = args.resolution {
         s.resolution = v;
@@ -124,6 +161,43 @@ pub fn resolve_settings(args: &TrainArgs) -> Result<TrainSettings> {
     }
     if let Some(v) = args.common.seed {
         s.seed = v;
+    }
+    let b = &mut s.baseline;
+    if let Some(v) = &args.identifier {
+        b.identifier = v.clone();
+    }
+    if args.instance_prompt.is_some() {
+        b.instance_prompt = args.instance_prompt.clone();
+    }
+    if args.class_prompt.is_some() {
+        b.class_prompt = args.class_prompt.clone();
+    }
+    if let Some(v) = args.prior_images {
+        b.prior_images = v;
+    }
+    if let Some(v) = args.prior_loss_weight {
+        b.prior_loss_weight = v;
+    }
+    if let Some(v) = args.prior_steps {
+        b.prior_steps = v;
+    }
+    if args.train_text_encoder {
+        b.train_text_encoder = true;
+    }
+    if let Some(v) = args.lora_rank {
+        b.lora_rank = v;
+    }
+    if args.lora_alpha.is_some() {
+        b.lora_alpha = args.lora_alpha;
+    }
+    if let Some(v) = args.max_grad_norm {
+        b.max_grad_norm = v;
+    }
+    if args.gradient_checkpointing {
+        b.gradient_checkpointing = true;
+    }
+    if let Some(v) = &args.modifier_token {
+        b.modifier_token = v.clone();
     }
     Ok(s)
 }
@@ -268,8 +342,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             common.model = Some(info.model.trim_end_matches("@main").to_string());
         }
     }
-    let sd = load_model_in(&common, train_dtype(&common, prior.as_ref())?)?;
+    check_input(&resolved, &subject, &dataset.dir)?;
+    let mut sd = load_model_in(&common, train_dtype(&common, prior.as_ref())?)?;
+    let class_images = prepare_baseline(&mut sd, &resolved, &subject)?;
     let mut trainer = Trainer::new(&sd, resolved.clone(), &subject, &dataset.dir)?;
+    trainer.set_class_images(&class_images)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let metrics = out.join("metrics.jsonl");
     if prior.is_some() {
@@ -308,7 +385,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         resolved.grad_accum,
         resolved.lr,
         resolved.base_lr,
-        if resolved.s.scale_lr { " x batch x accum" } else { "" }
+        if resolved.scale_lr { " x batch x accum" } else { "" }
     );
     eprintln!(
         "effective configuration: {}",
@@ -362,6 +439,119 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         args.common.model.as_ref().map(|m| format!(" --model {m}")).unwrap_or_default()
     );
     Ok(())
+}
+
+/// What a method needs that can be checked before any model loads: masks for the attractor
+/// methods (ti+, neti+, dreambooth-lora+: the same check and message), a one-word identifier,
+/// a modifier token that is new to CLIP's vocabulary.
+fn check_input(
+    s: &crate::personalize::settings::Resolved,
+    subject: &crate::data::layout::Subject,
+    dataset_dir: &Path,
+) -> Result<()> {
+    let method = s.s.method;
+    if method.uses_attractor() {
+        crate::personalize::trainer::check_masks(subject, dataset_dir)?;
+    }
+    let b = &s.s.baseline;
+    if method.uses_identifier()
+        && (b.identifier.trim().is_empty() || b.identifier.contains(char::is_whitespace))
+    {
+        bail!(
+            "--identifier {:?}: give one word, e.g. --identifier sks",
+            b.identifier
+        );
+    }
+    if method == Method::CustomDiffusion {
+        if !(b.modifier_token.starts_with('<') && b.modifier_token.ends_with('>')) {
+            bail!("--modifier-token {:?}: use a bracketed new token such as <new1>, which no CLIP word can collide with", b.modifier_token);
+        }
+        crate::pipeline::bundled_tokenizer()?
+            .add_tokens(&[b.modifier_token.as_str()])
+            .with_context(|| format!("--modifier-token {}", b.modifier_token))?;
+    }
+    Ok(())
+}
+
+/// Prior preservation's class images (generated from the base model on first use, cached in
+/// attractor's cache folder) and the trainable weights, with one line per class image made.
+fn prepare_baseline(
+    sd: &mut crate::pipeline::StableDiffusion,
+    s: &crate::personalize::settings::Resolved,
+    subject: &crate::data::layout::Subject,
+) -> Result<Vec<PathBuf>> {
+    let method = s.s.method;
+    if !method.trains_weights() {
+        return Ok(Vec::new());
+    }
+    let b = &s.s.baseline;
+    let root = crate::personalize::prior::cache_root();
+    if method.uses_prior() && b.prior_images > 0 {
+        eprintln!(
+            "prior preservation: {} class images of {:?} ({} DDIM steps, guidance {}, {} px) in {}",
+            b.prior_images,
+            b.class_prompt(&subject.class),
+            b.prior_steps,
+            b.prior_guidance,
+            s.s.resolution,
+            root.join("class-images").display()
+        );
+    }
+    let mut made = 0usize;
+    let pb = progress(b.prior_images as u64, "class images");
+    let paths = crate::personalize::trainer::prepare_model(
+        sd,
+        s,
+        subject,
+        &root,
+        &mut |i, _n, generated| {
+            made += generated as usize;
+            pb.set_position(i as u64 + 1);
+        },
+    )?;
+    pb.finish_and_clear();
+    if made > 0 {
+        eprintln!("generated {made} class images (the rest were cached)");
+    }
+    let vars = &sd.trainable;
+    let count = crate::personalize::weights::parameter_count(vars);
+    if method.weight_training() == crate::personalize::WeightTraining::FullUnet
+        && sd.device.is_cpu()
+    {
+        let rows = s.batch * if b.prior_images > 0 { 2 } else { 1 };
+        let need = crate::personalize::weights::full_finetune_extra_bytes(
+            count,
+            rows,
+            s.s.resolution,
+            b.gradient_checkpointing,
+        );
+        if let Some(free) = crate::bench::mem_available_bytes() {
+            if need > free {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                bail!(
+                    "the full DreamBooth fine-tune of {count} parameters needs about {:.1} GiB more for its gradients, AdamW moments and activations ({rows} UNet rows at {} px), and {:.1} GiB are available. Fix: --method dreambooth-lora (about 0.1 % of the parameters, as adapters){}, or a lower --resolution",
+                    gib(need),
+                    s.s.resolution,
+                    gib(free),
+                    if b.gradient_checkpointing { "" } else { ", --gradient-checkpointing" }
+                );
+            }
+        }
+    }
+    eprintln!(
+        "{method} trains {count} parameters in {} tensors{}",
+        vars.len(),
+        match method.weight_training() {
+            crate::personalize::WeightTraining::Lora => format!(
+                " (LoRA rank {}, alpha {}: effective scale alpha/r = {})",
+                b.lora_rank,
+                b.lora_alpha.unwrap_or(b.lora_rank as f64),
+                b.lora_scale()
+            ),
+            _ => String::new(),
+        }
+    );
+    Ok(paths)
 }
 
 /// Validation images with fixed seeds (0, 1) at `validation_steps` DDIM steps.

@@ -271,6 +271,61 @@ pub fn mask_to_latent(mask: &Tensor, latent_size: usize) -> Result<Tensor> {
         .index_select(&cols, rank - 1)?)
 }
 
+/// Custom Diffusion's random-rescale view of a `size x size` image (diffusers'
+/// `train_custom_diffusion.py`, `CustomDiffusionDataset.preprocess`): the image resized
+/// (bilinear, as its `Image.BILINEAR`) to `scale x scale`; when `scale <= size` it is pasted at
+/// `(top, left)` on a zero (mid-grey in [-1, 1]: 0) canvas and the mask marks the pasted area on
+/// the `latent x latent` grid shrunk by one latent pixel on each side; when `scale > size` the
+/// `size x size` window at `(top, left)` is cut out and the mask is all ones. Returns the image
+/// `[3, size, size]` in [-1, 1] and the mask `[1, 1, latent, latent]`, both on the CPU.
+pub fn rescaled_view(
+    img: &RgbImage,
+    size: u32,
+    scale: u32,
+    (top, left): (u32, u32),
+    latent: usize,
+) -> Result<(Tensor, Tensor)> {
+    let resized = image::imageops::resize(img, scale, scale, FilterType::Triangle);
+    let s = size as usize;
+    let mut data = vec![0f32; 3 * s * s];
+    let mut mask = vec![0f32; latent * latent];
+    let f = (size as usize / latent.max(1)).max(1);
+    if scale > size {
+        for y in 0..s {
+            for x in 0..s {
+                let px = resized.get_pixel(left + x as u32, top + y as u32);
+                for c in 0..3 {
+                    data[c * s * s + y * s + x] = px[c] as f32 / 127.5 - 1.0;
+                }
+            }
+        }
+        mask.iter_mut().for_each(|m| *m = 1.0);
+    } else {
+        let sc = scale as usize;
+        let (t, l) = (top as usize, left as usize);
+        for y in 0..sc {
+            for x in 0..sc {
+                let px = resized.get_pixel(x as u32, y as u32);
+                for c in 0..3 {
+                    data[c * s * s + (t + y) * s + (l + x)] = px[c] as f32 / 127.5 - 1.0;
+                }
+            }
+        }
+        // mask[top // f + 1 : (top + scale) // f - 1, left // f + 1 : (left + scale) // f - 1]
+        let (r0, r1) = (t / f + 1, ((t + sc) / f).saturating_sub(1).min(latent));
+        let (c0, c1) = (l / f + 1, ((l + sc) / f).saturating_sub(1).min(latent));
+        for r in r0..r1 {
+            for c in c0..c1 {
+                mask[r * latent + c] = 1.0;
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(data, (3, s, s), &Device::Cpu)?,
+        Tensor::from_vec(mask, (1, 1, latent, latent), &Device::Cpu)?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

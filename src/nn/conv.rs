@@ -388,6 +388,80 @@ pub fn conv2d_frozen(
     )
 }
 
+/// A convolution whose weight (and bias) train: the forward and the input gradient of
+/// [`conv2d_frozen`], plus the weight gradient (the correlation of the input with the output
+/// gradient, dilated by the stride: PyTorch's `conv2d_weight`) and the bias gradient (the
+/// output gradient summed over batch and space). Only `x` and the weights are kept for the
+/// backward pass, where candle's composed convolution also keeps its pre-bias output.
+pub fn conv2d_trainable(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (o, _, k, _) = weight.dims4()?;
+    let value = conv2d_frozen(
+        &x.detach(),
+        &weight.detach(),
+        bias.map(|b| b.detach()).as_ref(),
+        stride,
+        pad,
+    )?;
+    let mut inputs = vec![x, weight];
+    inputs.extend(bias);
+    let has_bias = bias.is_some();
+    attach(
+        "conv2d-trainable",
+        &inputs,
+        value,
+        Box::new(move |args, _, g| {
+            let (x, weight) = (args[0], args[1].detach());
+            let (b, c, _, _) = x.dims4()?;
+            let gm = Geom {
+                b,
+                c,
+                h,
+                w,
+                o,
+                k,
+                pad,
+            };
+            let dx = if !x.track_op() {
+                None
+            } else if stride == 1 {
+                Some(conv_s1_input_grad(g, &weight, gm)?)
+            } else if g.device().is_cpu() || pad >= k {
+                Some(conv_strided_input_grad(g, &weight, (h, w), stride, pad)?)
+            } else {
+                Some(conv_strided_input_grad_dilated(
+                    g,
+                    &weight,
+                    (h, w),
+                    stride,
+                    pad,
+                )?)
+            };
+            // dW[o, c, i, j] = sum_{b, y, x} g[b, o, y, x] x_pad[b, c, s y + i, s x + j]: the
+            // input's channels as a batch, the gradient's as the kernels, dilated by the stride.
+            let xt = x.detach().transpose(0, 1)?.contiguous()?;
+            let gt = g.transpose(0, 1)?.contiguous()?;
+            let dw = xt
+                .conv2d(&gt, pad, 1, stride, 1)?
+                .transpose(0, 1)?
+                .narrow(2, 0, k)?
+                .narrow(3, 0, k)?
+                .contiguous()?;
+            let mut out = vec![dx, Some(dw)];
+            if has_bias {
+                out.push(Some(g.sum(3)?.sum(2)?.sum(0)?));
+            }
+            Ok(out)
+        }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

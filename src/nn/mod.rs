@@ -16,6 +16,7 @@
 
 mod attach;
 mod attention;
+pub mod checkpoint;
 mod conv;
 mod gelu;
 mod linear;
@@ -147,6 +148,30 @@ fn trainable(w: &Tensor, b: Option<&Tensor>) -> bool {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// A low-rank adapter added to the output (DreamBooth-LoRA); the base weight stays frozen
+    /// and keeps its fast path.
+    pub lora: Option<LoraAdapter>,
+}
+
+/// A LoRA adapter `y += scale * (x A^T) B^T` (peft's `W' = W + (alpha / r) B A`), `down` = A
+/// `[r, in]`, `up` = B `[out, r]`, `scale` = alpha / r (times a user's strength when sampling).
+/// Both factors are usually `Var`s; they may be f32 while the model runs in half precision
+/// (they are cast to the activations' dtype in the graph, so their gradients stay f32).
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+/// `t` in `dtype` (a graph op when it changes anything, so a trainable f32 master weight used by
+/// a half-precision model keeps an f32 gradient).
+fn cast_to(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(dtype)
+    }
 }
 
 impl Linear {
@@ -160,11 +185,51 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            lora: None,
+        })
     }
 
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    /// Input and output widths `(in, out)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        let (o, i) = self.weight.dims2()?;
+        Ok((i, o))
+    }
+
+    /// Replace the weight by `w` `[out, in]` (a `Var` to train it, or a frozen tensor), in the
+    /// storage order [`Linear::new`] would give it.
+    pub fn set_weight(&mut self, w: Tensor) -> Result<()> {
+        let (o, i) = w.dims2()?;
+        self.weight = if i > o && is_cpu_f32(&w) && !w.track_op() {
+            w.t()?.contiguous()?.t()?
+        } else {
+            w
+        };
+        Ok(())
+    }
+
+    /// Fold a LoRA into the frozen weight: `W <- W + scale * up @ down` (computed in f32), so
+    /// sampling with a merged LoRA costs no extra products.
+    pub fn merge_lora(&mut self, down: &Tensor, up: &Tensor, scale: f64) -> Result<()> {
+        let dtype = self.weight.dtype();
+        let delta = (up
+            .to_dtype(DType::F32)?
+            .matmul(&down.to_dtype(DType::F32)?)?
+            * scale)?;
+        let w = (self.weight.to_dtype(DType::F32)? + delta.to_device(self.weight.device())?)?
+            .to_dtype(dtype)?
+            .contiguous()?;
+        self.set_weight(w)
     }
 }
 
@@ -202,8 +267,31 @@ impl Linear {
     fn apply(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         // candle's CPU matmul is wrong for some non-contiguous batched inputs (SPEC.md §1).
         let x = x.contiguous()?;
+        let Some(lora) = &self.lora else {
+            return self.apply_base(&x, residual);
+        };
         if trainable(&self.weight, self.bias.as_ref()) {
-            let y = linear_plain(&x, &self.weight, self.bias.as_ref())?;
+            // A trained base weight under an adapter (no method does this): plain composition.
+            let base = self.apply_base(&x, residual)?;
+            let dt = x.dtype();
+            let mid = linear_plain(&x, &cast_to(&lora.down, dt)?, None)?;
+            let delta = linear_plain(&mid, &cast_to(&lora.up, dt)?, None)?;
+            return base + (delta * lora.scale)?;
+        }
+        let y = lora_frozen_base(&x, &self.weight, self.bias.as_ref(), lora)?;
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+
+    fn apply_base(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let x = x.clone();
+        if trainable(&self.weight, self.bias.as_ref()) {
+            let dt = x.dtype();
+            let w = cast_to(&self.weight, dt)?;
+            let b = self.bias.as_ref().map(|b| cast_to(b, dt)).transpose()?;
+            let y = linear_trainable(&x, &w, b.as_ref())?;
             return match residual {
                 Some(r) => y + r,
                 None => Ok(y),
@@ -245,6 +333,93 @@ impl Linear {
     }
 }
 
+/// `x W^T + b` with `W` (and `b`) trained: one attached node that keeps only `x` and the
+/// weights, whose backward gives `dx = g W`, `dW = g^T x` and `db = sum(g)` over the rows (the
+/// composition would also keep the product before the bias).
+fn linear_trainable(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (xd, wd, bd) = (x.detach(), w.detach(), b.map(|b| b.detach()));
+    let value = match linear::forward(&xd, &wd, bd.as_ref(), None)? {
+        Some(v) => v,
+        None => linear_plain(&xd, &wd, bd.as_ref())?.into(),
+    };
+    let mut inputs = vec![x, w];
+    inputs.extend(b);
+    let has_bias = b.is_some();
+    attach(
+        "linear-trainable",
+        &inputs,
+        value,
+        Box::new(move |args, _, g| {
+            let (x, w) = (args[0], args[1].detach());
+            let (out, inp) = w.dims2()?;
+            let rows = g.elem_count() / out.max(1);
+            let g2 = g.contiguous()?.reshape((rows, out))?;
+            let dx = if x.track_op() {
+                Some(g2.matmul(&w)?.reshape(x.dims())?)
+            } else {
+                None
+            };
+            let x2 = x.detach().contiguous()?.reshape((rows, inp))?;
+            let dw = g2.t()?.matmul(&x2)?;
+            let mut grads = vec![dx, Some(dw)];
+            if has_bias {
+                grads.push(Some(g2.sum(0)?));
+            }
+            Ok(grads)
+        }),
+    )
+}
+
+/// `x W^T + b + s (x A^T) B^T` with the base frozen and the LoRA factors trained, as one node on
+/// `x`, A and B that keeps only those (the composition would keep the base output, the rank-r
+/// middle, the adapter's output and its scaled copy). Backward, on the rows of `g`:
+/// `dx = g W + s (g B) A`, `dA = s (g B)^T x`, `dB = s g^T (x A^T)`.
+fn lora_frozen_base(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    lora: &LoraAdapter,
+) -> Result<Tensor> {
+    let dt = x.dtype();
+    let (down, up) = (cast_to(&lora.down, dt)?, cast_to(&lora.up, dt)?);
+    let scale = lora.scale;
+    let xd = x.detach();
+    let base = match linear::forward(&xd, w, b, None)? {
+        Some(v) => v.into_tensor()?,
+        None => linear_plain(&xd, w, b)?,
+    };
+    let delta = linear_plain(
+        &linear_plain(&xd, &down.detach(), None)?,
+        &up.detach(),
+        None,
+    )?;
+    let value = (base + (delta * scale)?)?;
+    let w = w.clone();
+    attach(
+        "linear-lora",
+        &[x, &down, &up],
+        value,
+        Box::new(move |args, _, g| {
+            let (x, a, bm) = (args[0], args[1].detach(), args[2].detach());
+            let (out, inp) = w.dims2()?;
+            let rows = g.elem_count() / out.max(1);
+            let g2 = g.contiguous()?.reshape((rows, out))?;
+            let x2 = x.detach().contiguous()?.reshape((rows, inp))?;
+            let gb = g2.matmul(&bm)?; // [rows, r]
+            let dx = if x.track_op() {
+                let d = (g2.matmul(&w)? + (gb.matmul(&a)? * scale)?)?;
+                Some(d.reshape(x.dims())?)
+            } else {
+                None
+            };
+            let da = (gb.t()?.matmul(&x2)? * scale)?;
+            let mid = x2.matmul(&a.t()?)?; // [rows, r]
+            let db = (g2.t()?.matmul(&mid)? * scale)?;
+            Ok(vec![dx, Some(da), Some(db)])
+        }),
+    )
+}
+
 /// The input gradient `g W` of a linear layer with weight `w` `[out, in]`, on the rows of `g`
 /// `[..., out]` flattened to a matrix, shaped as the input (`dims`).
 fn linear_input_grad(w: &Tensor, g: &Tensor, dims: &[usize]) -> Result<Tensor> {
@@ -257,9 +432,21 @@ fn linear_input_grad(w: &Tensor, g: &Tensor, dims: &[usize]) -> Result<Tensor> {
 }
 
 impl Linear {
+    /// The layer's tensors (weight, bias, LoRA factors): what a checkpointed segment holding it
+    /// may have to differentiate.
+    pub fn params(&self) -> Vec<Tensor> {
+        let mut v = vec![self.weight.clone()];
+        v.extend(self.bias.clone());
+        if let Some(l) = &self.lora {
+            v.push(l.down.clone());
+            v.push(l.up.clone());
+        }
+        v
+    }
+
     /// True when neither the weight nor the bias needs a gradient.
     pub fn is_frozen(&self) -> bool {
-        !trainable(&self.weight, self.bias.as_ref())
+        !trainable(&self.weight, self.bias.as_ref()) && self.lora.is_none()
     }
 
     /// The gradient with respect to the input of `x -> x W^T + b` given the output gradient `g`
@@ -270,6 +457,29 @@ impl Linear {
             *last = self.weight.dim(1)?;
         }
         linear_input_grad(&self.weight, g, &dims)
+    }
+}
+
+impl Conv2d {
+    /// The layer's tensors (weight, bias).
+    pub fn params(&self) -> Vec<Tensor> {
+        let mut v = vec![self.weight.clone()];
+        v.extend(self.bias.clone());
+        v
+    }
+}
+
+impl GroupNorm {
+    /// The layer's tensors (weight, bias).
+    pub fn params(&self) -> Vec<Tensor> {
+        vec![self.weight.clone(), self.bias.clone()]
+    }
+}
+
+impl LayerNorm {
+    /// The layer's tensors (weight, bias).
+    pub fn params(&self) -> Vec<Tensor> {
+        vec![self.weight.clone(), self.bias.clone()]
     }
 }
 
@@ -305,11 +515,13 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if trainable(&self.weight, self.bias.as_ref()) {
-            let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-            return match &self.bias {
-                Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
-                None => Ok(y),
-            };
+            let w = cast_to(&self.weight, x.dtype())?;
+            let b = self
+                .bias
+                .as_ref()
+                .map(|b| cast_to(b, x.dtype()))
+                .transpose()?;
+            return conv::conv2d_trainable(x, &w, b.as_ref(), self.stride, self.padding);
         }
         conv::conv2d_frozen(
             x,
@@ -389,10 +601,8 @@ impl GroupNorm {
     }
 
     fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        if !trainable(&self.weight, Some(&self.bias)) {
-            if let Some(y) = self.fused_cpu(x, silu)? {
-                return Ok(y);
-            }
+        if let Some(y) = self.fused_cpu(x, silu)? {
+            return Ok(y);
         }
         let y = self.composed(x)?;
         if silu {
@@ -419,6 +629,16 @@ impl GroupNorm {
         } else {
             "group-norm-frozen"
         };
+        if trainable(&self.weight, Some(&self.bias)) {
+            return fused_norm_trainable(
+                "group-norm-trainable",
+                x,
+                (&self.weight, &self.bias),
+                d,
+                self.eps,
+                silu,
+            );
+        }
         fused_norm(name, x, &self.weight, &self.bias, d, self.eps, silu)
     }
 
@@ -428,7 +648,10 @@ impl GroupNorm {
         let c = dims[1];
         let dtype = x.dtype();
         let wd = self.affine_shape(dims.len(), c);
-        let (w, bias) = (self.weight.reshape(wd.clone())?, self.bias.reshape(wd)?);
+        let (w, bias) = (
+            cast_to(&self.weight, dtype)?.reshape(wd.clone())?,
+            cast_to(&self.bias, dtype)?.reshape(wd)?,
+        );
         let groups = self.groups;
         let eps = self.eps;
         let grouped = move |x: &Tensor| {
@@ -506,6 +729,70 @@ fn fused_norm(
             let dx =
                 fused_norm_input_grad(name, (&x, &g), (&w, &bias), Some(&stats), d, eps, silu)?;
             Ok(vec![Some(Tensor::from_vec(dx, dims.clone(), x.device())?)])
+        }),
+    )?;
+    Ok(Some(y))
+}
+
+/// [`fused_norm`] with trainable affine parameters (f32 on the CPU): one node on `x`, the
+/// weight and the bias that keeps `x` and two floats per group, whose backward gives the input
+/// gradient by [`norm_act`]'s kernel and the weight and bias gradients by
+/// `norm_act::affine_grads`. `None` where it does not apply.
+fn fused_norm_trainable(
+    name: &'static str,
+    x: &Tensor,
+    (weight, bias): (&Tensor, &Tensor),
+    d: norm_act::Dims,
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    if !(is_cpu_f32(x) && is_cpu_f32(weight) && is_cpu_f32(bias)) {
+        return Ok(None);
+    }
+    let dims = x.dims().to_vec();
+    let xc = x.contiguous()?;
+    let (w, b) = (weight.detach().contiguous()?, bias.detach().contiguous()?);
+    let (y, stats) = {
+        let (xs, xl) = xc.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        norm_act::forward(
+            cpu_f32(&xs, xl, name)?,
+            cpu_f32(&ws, wl, name)?,
+            cpu_f32(&bs, bl, name)?,
+            d,
+            eps,
+            silu,
+        )
+    };
+    let y = attach(
+        name,
+        &[&xc, weight, bias],
+        Value::Cpu(y, dims.clone().into()),
+        Box::new(move |args, _, g| {
+            let (x, g) = (args[0].detach().contiguous()?, g.contiguous()?);
+            let (xs, xl) = x.storage_and_layout();
+            let (gs, gl) = g.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let (bs, bl) = b.storage_and_layout();
+            let (xv, gv, wv, bv) = (
+                cpu_f32(&xs, xl, name)?,
+                cpu_f32(&gs, gl, name)?,
+                cpu_f32(&ws, wl, name)?,
+                cpu_f32(&bs, bl, name)?,
+            );
+            let dx = if args[0].track_op() {
+                let v = norm_act::backward(xv, gv, wv, bv, &stats, d, silu);
+                Some(Tensor::from_vec(v, dims.clone(), x.device())?)
+            } else {
+                None
+            };
+            let (dw, db) = norm_act::affine_grads(xv, gv, wv, bv, &stats, d, silu);
+            Ok(vec![
+                dx,
+                Some(Tensor::from_vec(dw, d.c, x.device())?),
+                Some(Tensor::from_vec(db, d.c, x.device())?),
+            ])
         }),
     )?;
     Ok(Some(y))
@@ -628,12 +915,29 @@ fn layer_norm_grad_composed(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64) -> Res
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     if trainable(w, Some(b)) {
+        // One row per "batch" item and one channel per value: the per-channel sums of the
+        // affine gradients run over the rows.
+        let c = x.dim(D::Minus1)?;
+        let as_channels = norm_act::Dims {
+            b: x.elem_count() / c.max(1),
+            c,
+            hw: 1,
+            groups: 1,
+        };
+        if let Some(y) =
+            fused_norm_trainable("layer-norm-trainable", x, (w, b), as_channels, eps, false)?
+        {
+            return Ok(y);
+        }
         let x = x.to_dtype(stat_dtype(dtype))?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-        return xn.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b);
+        return xn
+            .to_dtype(dtype)?
+            .broadcast_mul(&cast_to(w, dtype)?)?
+            .broadcast_add(&cast_to(b, dtype)?);
     }
     // Each row is one group of `C` channels of one value each.
     let c = x.dim(D::Minus1)?;
@@ -1064,6 +1368,138 @@ mod tests {
                         .unwrap()
                     },
                 );
+            }
+        }
+    }
+
+    /// Central finite differences of `sum(layer(x, w) * r)` with respect to a few entries of
+    /// each trainable weight (f64), against candle's backward through the layer's trainable
+    /// path: a linear layer (and its LoRA factors), a stride-1 and a stride-2 convolution, a
+    /// group norm (with SiLU) and a layer norm.
+    #[test]
+    fn weight_gradients_match_finite_differences() {
+        type Layer = Box<dyn Fn(&Tensor, &[Tensor]) -> Tensor>;
+        let cases: Vec<(&str, Tensor, Vec<Tensor>, Layer)> = vec![
+            (
+                "linear",
+                randn(&[2, 3, 6], 1),
+                vec![randn(&[4, 6], 2), randn(&[4], 3)],
+                Box::new(|x, w| {
+                    Linear::from_tensors(w[0].clone(), Some(w[1].clone()))
+                        .forward(x)
+                        .unwrap()
+                }),
+            ),
+            (
+                "lora",
+                randn(&[2, 3, 6], 4),
+                vec![randn(&[2, 6], 5), randn(&[4, 2], 6)],
+                Box::new(|x, w| {
+                    let mut l = Linear::from_tensors(randn(&[4, 6], 7), None);
+                    l.lora = Some(LoraAdapter {
+                        down: w[0].clone(),
+                        up: w[1].clone(),
+                        scale: 0.5,
+                    });
+                    l.forward(x).unwrap()
+                }),
+            ),
+            (
+                "conv stride 1",
+                randn(&[2, 3, 5, 5], 8),
+                vec![randn(&[4, 3, 3, 3], 9), randn(&[4], 10)],
+                Box::new(|x, w| {
+                    Conv2d {
+                        weight: w[0].clone(),
+                        bias: Some(w[1].clone()),
+                        stride: 1,
+                        padding: 1,
+                    }
+                    .forward(x)
+                    .unwrap()
+                }),
+            ),
+            (
+                "conv stride 2",
+                randn(&[2, 3, 6, 6], 11),
+                vec![randn(&[4, 3, 3, 3], 12), randn(&[4], 13)],
+                Box::new(|x, w| {
+                    Conv2d {
+                        weight: w[0].clone(),
+                        bias: Some(w[1].clone()),
+                        stride: 2,
+                        padding: 1,
+                    }
+                    .forward(x)
+                    .unwrap()
+                }),
+            ),
+            (
+                "group norm + silu",
+                randn(&[2, 6, 3, 4], 14),
+                vec![(randn(&[6], 15) + 1.0).unwrap(), randn(&[6], 16)],
+                Box::new(|x, w| {
+                    GroupNorm {
+                        weight: w[0].clone(),
+                        bias: w[1].clone(),
+                        groups: 3,
+                        eps: 1e-5,
+                    }
+                    .forward_silu(x)
+                    .unwrap()
+                }),
+            ),
+            (
+                "layer norm",
+                randn(&[2, 5, 6], 17),
+                vec![(randn(&[6], 18) + 1.0).unwrap(), randn(&[6], 19)],
+                Box::new(|x, w| layer_norm(x, &w[0], &w[1], 1e-5).unwrap()),
+            ),
+        ];
+        for (name, x, w0, layer) in cases {
+            let y0 = layer(&x, &w0);
+            let r = randn(y0.dims(), 99);
+            let loss = |w: &[Tensor]| -> f64 {
+                (layer(&x, w) * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let vars: Vec<Var> = w0.iter().map(|w| Var::from_tensor(w).unwrap()).collect();
+            let wt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let grads = (layer(&x, &wt) * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (i, v) in vars.iter().enumerate() {
+                let g = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: weight {i} got no gradient"))
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                let base = w0[i].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let h = 1e-5;
+                for k in [0, base.len() / 2, base.len() - 1] {
+                    let at = |d: f64| {
+                        let mut vals = base.clone();
+                        vals[k] += d;
+                        let mut w = w0.clone();
+                        w[i] = Tensor::from_vec(vals, w0[i].dims(), &Device::Cpu).unwrap();
+                        loss(&w)
+                    };
+                    let fd = (at(h) - at(-h)) / (2.0 * h);
+                    assert!(
+                        (fd - g[k]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                        "{name}: weight {i}[{k}]: backward {} vs finite difference {fd}",
+                        g[k]
+                    );
+                }
             }
         }
     }

@@ -247,3 +247,45 @@ pub(super) fn backward(
     });
     dx
 }
+
+/// The affine parameters' gradients `(dw, db)` of `y = act(xhat * w + b)` given the output
+/// gradient `g` and the forward's statistics: `db[c] = sum g'`, `dw[c] = sum g' xhat` over the
+/// batch and the positions of channel `c`, where `g' = g act'(xhat w + b)` (sums in f64).
+pub(super) fn affine_grads(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    stats: &[(f32, f32)],
+    d: Dims,
+    silu: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let cg = d.per_group();
+    let (mut dw, mut db) = (vec![0f64; d.c], vec![0f64; d.c]);
+    for b in 0..d.b {
+        for c in 0..d.c {
+            let (mean, rstd) = stats[b * d.groups + c / cg];
+            let at = (b * d.c + c) * d.hw;
+            let (xs, gs) = (&x[at..at + d.hw], &g[at..at + d.hw]);
+            let (mut sw, mut sb) = (0f64, 0f64);
+            for (&xv, &gv) in xs.iter().zip(gs) {
+                let xhat = (xv - mean) * rstd;
+                let gz = if silu {
+                    let z = xhat * w[c] + bias[c];
+                    let s = 1.0 / (1.0 + (-z).exp());
+                    gv * s * (1.0 + z * (1.0 - s))
+                } else {
+                    gv
+                };
+                sw += (gz * xhat) as f64;
+                sb += gz as f64;
+            }
+            dw[c] += sw;
+            db[c] += sb;
+        }
+    }
+    (
+        dw.into_iter().map(|v| v as f32).collect(),
+        db.into_iter().map(|v| v as f32).collect(),
+    )
+}

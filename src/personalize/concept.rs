@@ -11,7 +11,11 @@ use candle_core::{Device, Result, Tensor};
 /// The learned part of a concept.
 #[derive(Debug, Clone)]
 pub enum Learned {
-    /// Textual Inversion: rows `[n_new, D]` for every added token, in token-id order.
+    /// No learned tokens: the prompts use existing words only (DreamBooth's `sks`); what was
+    /// learned lives in the model's weights.
+    None,
+    /// Textual Inversion: rows `[n_new, D]` for every added token, in token-id order (also
+    /// Custom Diffusion's modifier token and dreambooth-lora+'s attractors).
     Rows(Tensor),
     /// NeTI: one mapper per added token, in token-id order (the subject `<v*>`, then the
     /// attractors); `alpha` is the bypass strength.
@@ -49,8 +53,12 @@ impl Learned {
         opts: NetiOptions,
     ) -> Result<Encoded> {
         match self {
-            Learned::Rows(rows) => {
-                let ctx = te.forward(ids, Some(rows))?;
+            Learned::None | Learned::Rows(_) => {
+                let rows = match self {
+                    Learned::Rows(r) => Some(r),
+                    _ => None,
+                };
+                let ctx = te.forward(ids, rows)?;
                 Ok(Encoded {
                     cond: Conditioning::Shared(ctx.clone()),
                     contextual: vec![ctx],

@@ -4,9 +4,9 @@
 
 use crate::personalize::concept::{Learned, NetiOptions};
 use crate::personalize::neti::{NetiMapper, UNET_LAYERS};
-use crate::personalize::prompts;
 use crate::personalize::tokens::{ids_tensor, ClipTokenizer};
 use crate::personalize::trainer::{add_tokens, RunInfo, Trainer};
+use crate::personalize::{weights, WeightTraining};
 use crate::pipeline::{SampleSettings, StableDiffusion};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -16,19 +16,41 @@ use std::path::Path;
 /// those saved at step N), as `Trainer::save_outputs` names them: the subject's file first
 /// (`learned_embeds` or `mapper`), then the attractors' (`attractors`, or `mapper-a{k}` each).
 pub fn learned_file_names(info: &RunInfo, suffix: &str) -> Vec<String> {
-    if info.settings.s.method.uses_neti() {
+    let s = &info.settings.s;
+    let method = s.method;
+    if method.uses_neti() {
         let mut names = vec![format!("mapper{suffix}.safetensors")];
         names.extend(
             (0..info.attractor_tokens.len()).map(|k| format!("mapper-a{k}{suffix}.safetensors")),
         );
-        names
-    } else {
-        let mut names = vec![format!("learned_embeds{suffix}.safetensors")];
-        if !info.attractor_tokens.is_empty() {
-            names.push(format!("attractors{suffix}.safetensors"));
-        }
-        names
+        return names;
     }
+    let mut names = match method.weight_training() {
+        WeightTraining::FullUnet => {
+            let mut v = vec![format!(
+                "model{suffix}/unet/diffusion_pytorch_model.safetensors"
+            )];
+            if s.baseline.train_text_encoder {
+                v.push(format!("model{suffix}/text_encoder/model.safetensors"));
+            }
+            return v;
+        }
+        WeightTraining::Lora => vec![
+            format!("pytorch_lora_weights{suffix}.safetensors"),
+            format!("lora-kohya{suffix}.safetensors"),
+        ],
+        WeightTraining::CrossAttentionKv => {
+            return vec![
+                format!("pytorch_custom_diffusion_weights{suffix}.safetensors"),
+                format!("{}{suffix}.safetensors", s.baseline.modifier_token),
+            ]
+        }
+        WeightTraining::Frozen => vec![format!("learned_embeds{suffix}.safetensors")],
+    };
+    if !info.attractor_tokens.is_empty() {
+        names.push(format!("attractors{suffix}.safetensors"));
+    }
+    names
 }
 
 /// A trained subject ready to sample.
@@ -36,6 +58,9 @@ pub struct LearnedSubject {
     pub info: RunInfo,
     tokenizer: ClipTokenizer,
     learned: Learned,
+    /// The model with the run's trained weights (DreamBooth's UNet, a merged LoRA, Custom
+    /// Diffusion's K/V), sharing the base model's other weights; `None`: the base model.
+    model: Option<StableDiffusion>,
 }
 
 impl LearnedSubject {
@@ -65,7 +90,68 @@ impl LearnedSubject {
         let mut tokenizer = sd.tokenizer.clone();
         add_tokens(&mut tokenizer, &info, sd)?;
         let dev = &sd.device;
-        let learned = if info.settings.s.method.uses_neti() {
+        let missing = |p: &Path| {
+            anyhow::anyhow!("{} is missing: the run has not finished or was not saved; resume it with `attractor train --resume {}`", p.display(), run.display())
+        };
+        for n in &names {
+            if !run.join(n).is_file() {
+                return Err(missing(&run.join(n)));
+            }
+        }
+        let method = info.settings.s.method;
+        let model = match method.weight_training() {
+            WeightTraining::Frozen => None,
+            WeightTraining::FullUnet => {
+                let mut m = sd.clone();
+                m.trainable.clear();
+                let w = run.join(&names[0]);
+                m.unet = crate::sd::unet::UNet::new(
+                    crate::pipeline::open_weights(&w, sd.dtype, dev)?,
+                    &sd.unet.config,
+                )
+                .with_context(|| format!("unet weights {}", w.display()))?;
+                if let Some(t) = names.get(1) {
+                    let w = run.join(t);
+                    m.text = crate::sd::text_encoder::TextEncoder::new(
+                        crate::pipeline::open_weights(&w, sd.dtype, dev)?,
+                        &sd.text.config,
+                    )
+                    .with_context(|| format!("text encoder weights {}", w.display()))?;
+                }
+                Some(m)
+            }
+            WeightTraining::Lora => {
+                let mut m = sd.clone();
+                m.trainable.clear();
+                let p = run.join(&names[0]);
+                let known = weights::lora_targets(&mut m);
+                let (lora, _) = crate::adapters::lora::read(&p, &known, dev)?;
+                weights::apply_lora(&mut m, &lora, 1.0, &p.display().to_string())?;
+                Some(m)
+            }
+            WeightTraining::CrossAttentionKv => {
+                let mut m = sd.clone();
+                m.trainable.clear();
+                let cd = crate::adapters::custom_diffusion::read_folder(run, suffix, dev)?;
+                weights::apply_custom_diffusion(&mut m, &cd.kv, &run.display().to_string())?;
+                let token = &info.placeholder_tokens[0];
+                let row = cd
+                    .tokens
+                    .iter()
+                    .find(|(t, _)| t == token)
+                    .map(|(_, r)| r.clone())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("{} has no row for {token}", run.join(&names[1]).display())
+                    })?;
+                return Ok(Self {
+                    info,
+                    tokenizer,
+                    learned: Learned::Rows(row.to_device(dev)?.to_dtype(sd.dtype)?),
+                    model: Some(m),
+                });
+            }
+        };
+        let learned = if method.uses_neti() {
             let mut mappers = Vec::new();
             for name in &names {
                 let p = run.join(name);
@@ -92,17 +178,39 @@ impl LearnedSubject {
                     .cloned()
                     .ok_or_else(|| anyhow::anyhow!("{} has no tensor {key}", p.display()))
             };
-            let mut rows = vec![read(&names[0], &info.placeholder_tokens[0])?];
-            for a in &info.attractor_tokens {
-                rows.push(read(&names[1], a)?);
+            let mut rows = Vec::new();
+            let mut files = names.iter().skip(if model.is_some() { 2 } else { 0 });
+            if let Some(p) = info.placeholder_tokens.first() {
+                let f = files
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("no learned file"))?;
+                rows.push(read(f, p)?);
             }
-            Learned::Rows(Tensor::cat(&rows, 0)?.to_dtype(sd.dtype)?)
+            if !info.attractor_tokens.is_empty() {
+                let f = files
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("no attractor file"))?;
+                for a in &info.attractor_tokens {
+                    rows.push(read(f, a)?);
+                }
+            }
+            if rows.is_empty() {
+                Learned::None
+            } else {
+                Learned::Rows(Tensor::cat(&rows, 0)?.to_dtype(sd.dtype)?)
+            }
         };
         Ok(Self {
             info,
             tokenizer,
             learned,
+            model,
         })
+    }
+
+    /// The model to sample this subject with: the run's own (trained weights) or `base`.
+    pub fn model<'m>(&'m self, base: &'m StableDiffusion) -> &'m StableDiffusion {
+        self.model.as_ref().unwrap_or(base)
     }
 
     /// The subject as a trainer holds it now (validation images during training).
@@ -111,6 +219,8 @@ impl LearnedSubject {
             info: t.info.clone(),
             tokenizer: t.tokenizer.clone(),
             learned: t.learned.clone(),
+            // The trainer's model already holds the weights being trained.
+            model: None,
         }
     }
 
@@ -124,7 +234,7 @@ impl LearnedSubject {
                     self.info.settings.s.method
                 )
             })?,
-            None => prompts::placeholder_text(self.info.placeholder_tokens.len()),
+            None => self.info.subject_text(),
         };
         if !template.contains("{}") {
             bail!("the prompt {template:?} has no {{}} where the learned subject goes, e.g. \"a photo of {{}} on a beach\"");
@@ -144,6 +254,7 @@ impl LearnedSubject {
         seed: u64,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<image::RgbImage> {
+        let sd = self.model(sd);
         let prompt = self.fill_prompt(template, attractor)?;
         let tokens = self.tokenizer.encode(&prompt)?;
         let ids = ids_tensor(&[tokens], &sd.device)?;
@@ -153,7 +264,7 @@ impl LearnedSubject {
         let learned = &self.learned;
         let text = &sd.text;
         let fixed = match learned {
-            Learned::Rows(_) => Some(
+            Learned::None | Learned::Rows(_) => Some(
                 learned
                     .encode(text, &ids, &[0], 1, NetiOptions::default())?
                     .cond,

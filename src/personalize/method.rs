@@ -25,27 +25,127 @@ pub enum Method {
     #[value(name = "neti+")]
     #[serde(rename = "neti+")]
     NetiPlus,
+    /// DreamBooth: the whole UNet fine-tuned (and the text encoder with
+    /// `--train-text-encoder`) on `a photo of sks <class>`, with prior preservation.
+    #[value(name = "dreambooth")]
+    #[serde(rename = "dreambooth")]
+    DreamBooth,
+    /// DreamBooth-LoRA: rank-r adapters on every UNet attention projection.
+    #[value(name = "dreambooth-lora")]
+    #[serde(rename = "dreambooth-lora")]
+    DreamBoothLora,
+    /// Custom Diffusion: the cross-attention K/V weights and a modifier token `<new1>`.
+    #[value(name = "custom-diffusion")]
+    #[serde(rename = "custom-diffusion")]
+    CustomDiffusion,
+    /// DreamBooth-LoRA with per-image attractor tokens, the three pools, masked losses and
+    /// scheduled InfoNCE of ti+.
+    #[value(name = "dreambooth-lora+")]
+    #[serde(rename = "dreambooth-lora+")]
+    DreamBoothLoraPlus,
+}
+
+/// Which model weights a method trains (beside any learned token rows or mappers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightTraining {
+    /// None: the model stays frozen (ti, ti+, neti, neti+).
+    Frozen,
+    /// Every UNet parameter (DreamBooth).
+    FullUnet,
+    /// LoRA adapters on the attention projections (DreamBooth-LoRA).
+    Lora,
+    /// `to_k` and `to_v` of the cross-attention layers (Custom Diffusion).
+    CrossAttentionKv,
 }
 
 impl Method {
-    pub const ALL: [Method; 4] = [Method::Ti, Method::TiPlus, Method::Neti, Method::NetiPlus];
+    /// Every method, in the paper's table order (base methods, then the + variants).
+    pub const ALL: [Method; 8] = [
+        Method::Ti,
+        Method::Neti,
+        Method::DreamBooth,
+        Method::DreamBoothLora,
+        Method::CustomDiffusion,
+        Method::TiPlus,
+        Method::NetiPlus,
+        Method::DreamBoothLoraPlus,
+    ];
 
-    /// The name users type (`ti`, `ti+`, `neti`, `neti+`).
+    /// The methods that learn only tokens or NeTI mappers on a frozen model.
+    pub const TOKEN_METHODS: [Method; 4] =
+        [Method::Ti, Method::TiPlus, Method::Neti, Method::NetiPlus];
+
+    /// The name users type (`ti`, `ti+`, `neti`, `neti+`, `dreambooth`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Method::Ti => "ti",
             Method::TiPlus => "ti+",
             Method::Neti => "neti",
             Method::NetiPlus => "neti+",
+            Method::DreamBooth => "dreambooth",
+            Method::DreamBoothLora => "dreambooth-lora",
+            Method::CustomDiffusion => "custom-diffusion",
+            Method::DreamBoothLoraPlus => "dreambooth-lora+",
         }
     }
 
-    /// The method without the attractor (`ti+` -> `ti`, `neti+` -> `neti`).
+    /// The method without the attractor (`ti+` -> `ti`, `neti+` -> `neti`,
+    /// `dreambooth-lora+` -> `dreambooth-lora`); a base method is its own base.
     pub fn base(self) -> Method {
         match self {
             Method::Ti | Method::TiPlus => Method::Ti,
             Method::Neti | Method::NetiPlus => Method::Neti,
+            Method::DreamBoothLora | Method::DreamBoothLoraPlus => Method::DreamBoothLora,
+            Method::DreamBooth => Method::DreamBooth,
+            Method::CustomDiffusion => Method::CustomDiffusion,
         }
+    }
+
+    /// The + variant of a base method, where one exists.
+    pub fn plus(self) -> Option<Method> {
+        match self {
+            Method::Ti => Some(Method::TiPlus),
+            Method::Neti => Some(Method::NetiPlus),
+            Method::DreamBoothLora => Some(Method::DreamBoothLoraPlus),
+            _ => None,
+        }
+    }
+
+    /// Which model weights train.
+    pub fn weight_training(self) -> WeightTraining {
+        match self {
+            Method::DreamBooth => WeightTraining::FullUnet,
+            Method::DreamBoothLora | Method::DreamBoothLoraPlus => WeightTraining::Lora,
+            Method::CustomDiffusion => WeightTraining::CrossAttentionKv,
+            _ => WeightTraining::Frozen,
+        }
+    }
+
+    /// True when model weights train (the baselines and dreambooth-lora+).
+    pub fn trains_weights(self) -> bool {
+        self.weight_training() != WeightTraining::Frozen
+    }
+
+    /// True when the subject is an existing rare token (`sks`), not a learned placeholder
+    /// (DreamBooth and its LoRA form).
+    pub fn uses_identifier(self) -> bool {
+        matches!(
+            self,
+            Method::DreamBooth | Method::DreamBoothLora | Method::DreamBoothLoraPlus
+        )
+    }
+
+    /// True when a batch pairs instance images with generated class images (prior
+    /// preservation): the DreamBooth family and Custom Diffusion.
+    pub fn uses_prior(self) -> bool {
+        self.trains_weights()
+    }
+
+    /// Whether the learning rate is scaled by batch x grad-accum by default: yes for TI/NeTI
+    /// (their papers' recipes) and Custom Diffusion (its README's `--scale_lr`), no for the
+    /// DreamBooth scripts.
+    pub fn default_scale_lr(self) -> bool {
+        !self.uses_identifier()
     }
 
     /// True when the subject token comes from a NeTI mapper (SPEC.md §4).
@@ -56,36 +156,53 @@ impl Method {
     /// True when each training image gets an attractor token and the three-pool + InfoNCE loss
     /// applies (SPEC.md §5).
     pub fn uses_attractor(self) -> bool {
-        matches!(self, Method::TiPlus | Method::NetiPlus)
+        matches!(
+            self,
+            Method::TiPlus | Method::NetiPlus | Method::DreamBoothLoraPlus
+        )
     }
 
-    /// Base learning rate before scaling by batch x grad-accum: 5e-3 for TI (original TI), 1e-3 for
-    /// NeTI (NeTI's `train.yaml`); the + variants default to their base method's (SPEC.md §5).
+    /// Base learning rate before any scaling: 5e-3 for TI (original TI), 1e-3 for NeTI (NeTI's
+    /// `train.yaml`); DreamBooth 5e-6, DreamBooth-LoRA 1e-4, Custom Diffusion 1e-5 (the READMEs
+    /// of diffusers' `train_dreambooth.py`, `train_dreambooth_lora.py`,
+    /// `train_custom_diffusion.py`, SPEC.md §8); the + variants default to their base method's.
     pub fn default_base_lr(self) -> f64 {
         match self.base() {
             Method::Ti => 5e-3,
-            _ => 1e-3,
+            Method::Neti => 1e-3,
+            Method::DreamBooth => 5e-6,
+            Method::DreamBoothLora => 1e-4,
+            _ => 1e-5,
         }
     }
 
-    /// Optimizer steps: 5000 for TI, 1000 for NeTI.
+    /// Optimizer steps: TI 5000, NeTI 1000, DreamBooth 800, DreamBooth-LoRA 500, Custom
+    /// Diffusion 250 (SPEC.md §8).
     pub fn default_steps(self) -> usize {
         match self.base() {
             Method::Ti => 5000,
-            _ => 1000,
+            Method::Neti => 1000,
+            Method::DreamBooth => 800,
+            Method::DreamBoothLora => 500,
+            _ => 250,
         }
     }
 
-    /// Images per micro-batch: 2 for both (TI: "1e-2 at batch 2"; NeTI: 2 x 4).
+    /// Instance images per micro-batch: 2 for TI and NeTI (TI: "1e-2 at batch 2"; NeTI: 2 x
+    /// 4), 1 for the DreamBooth recipes, 2 for Custom Diffusion. With prior preservation as
+    /// many class images join each micro-batch.
     pub fn default_batch(self) -> usize {
-        2
+        match self.base() {
+            Method::DreamBooth | Method::DreamBoothLora => 1,
+            _ => 2,
+        }
     }
 
-    /// Gradient-accumulation steps: 1 for TI, 4 for NeTI.
+    /// Gradient-accumulation steps: 1 for TI and the baselines, 4 for NeTI.
     pub fn default_grad_accum(self) -> usize {
         match self.base() {
-            Method::Ti => 1,
-            _ => 4,
+            Method::Neti => 4,
+            _ => 1,
         }
     }
 
@@ -201,6 +318,11 @@ mod tests {
             let t: T = toml::from_str(&format!("method = \"{s}\"")).unwrap();
             assert_eq!(t.method, m);
         }
+        for m in Method::ALL {
+            assert_eq!(Method::from_str(m.name(), false).unwrap(), m);
+            let json = format!("\"{}\"", m.name());
+            assert_eq!(serde_json::from_str::<Method>(&json).unwrap(), m);
+        }
         assert!(Method::from_str("tiplus", false).is_err());
         assert!(serde_json::from_str::<Method>("\"TiPlus\"").is_err());
     }
@@ -223,6 +345,22 @@ mod tests {
             assert!((lr - 1e-2).abs() < 1e-12);
             assert_eq!(m.default_steps(), 5000);
         }
+        assert!(Method::DreamBooth.trains_weights() && Method::DreamBooth.uses_identifier());
+        assert!(
+            Method::CustomDiffusion.trains_weights() && !Method::CustomDiffusion.uses_identifier()
+        );
+        assert!(Method::DreamBoothLoraPlus.uses_attractor());
+        assert_eq!(Method::DreamBoothLoraPlus.base(), Method::DreamBoothLora);
+        assert_eq!(
+            Method::DreamBoothLora.plus(),
+            Some(Method::DreamBoothLoraPlus)
+        );
+        assert!(!Method::TiPlus.trains_weights());
+        assert_eq!(Method::DreamBooth.default_base_lr(), 5e-6);
+        assert_eq!(Method::DreamBooth.default_steps(), 800);
+        assert_eq!(Method::DreamBoothLora.default_base_lr(), 1e-4);
+        assert_eq!(Method::DreamBoothLora.default_steps(), 500);
+        assert_eq!(Method::CustomDiffusion.default_steps(), 250);
         for m in [Method::Neti, Method::NetiPlus] {
             let lr = Method::scaled_lr(
                 m.default_base_lr(),

@@ -10,12 +10,14 @@ pub mod prompts;
 pub mod tokens;
 
 pub use losses::{info_nce, masked_mse, mse, total_loss, LossParts, LossWeights};
-pub use method::{Method, Schedule};
+pub use method::{Method, Schedule, WeightTraining};
 pub use neti::{bypass, FourierEncoding, MapperConfig, MapperInfo, NetiMapper, UNET_LAYERS};
 pub use prompts::{PromptSampler, PromptTriple};
 pub use tokens::{ClipTokenizer, TokenError, Tokens};
 pub mod concept;
 pub mod generate;
 pub mod optim;
+pub mod prior;
 pub mod settings;
 pub mod trainer;
+pub mod weights;

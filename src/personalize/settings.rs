@@ -21,12 +21,14 @@ pub struct TrainSettings {
     pub grad_accum: Option<usize>,
     /// Base learning rate before scaling (default: ti 5e-3, neti 1e-3).
     pub base_lr: Option<f64>,
-    /// Multiply the base learning rate by batch x grad_accum (default true, as diffusers' --scale_lr).
-    pub scale_lr: bool,
+    /// Multiply the base learning rate by batch x grad_accum, as diffusers' `--scale_lr`
+    /// (default: yes for ti, neti and custom-diffusion, no for the DreamBooth methods).
+    pub scale_lr: Option<bool>,
     /// Training resolution in pixels (default 512).
     pub resolution: usize,
-    /// Probability of a horizontal flip (default 0.5).
-    pub flip_p: f64,
+    /// Probability of a horizontal flip (default 0.5; 0 for the DreamBooth methods, whose
+    /// scripts do not flip).
+    pub flip_p: Option<f64>,
     /// Vectors for `<v*>` (Textual Inversion only; default 1).
     pub num_vectors: usize,
     /// Initializer word of `<v*>` (one token; default: the class word if one token, else "object").
@@ -49,6 +51,97 @@ pub struct TrainSettings {
     pub adamw: AdamWConfig,
     /// Random seed (noise, timesteps, images, flips, templates, dropout).
     pub seed: u64,
+    /// The weight-training baselines (dreambooth, dreambooth-lora, custom-diffusion,
+    /// dreambooth-lora+); ignored by the token methods.
+    pub baseline: BaselineSettings,
+}
+
+/// Settings of the methods that train model weights (SPEC.md §8).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BaselineSettings {
+    /// The rare token that names the subject in DreamBooth prompts (default `sks`).
+    pub identifier: String,
+    /// Instance prompt; `{identifier}` and `{class}` are filled in (default
+    /// `a photo of {identifier} {class}`; Custom Diffusion: `photo of a <new1> {class}`).
+    pub instance_prompt: Option<String>,
+    /// Class prompt of the prior-preservation images; `{class}` is filled in (default
+    /// `a photo of {class}`, diffusers' README).
+    pub class_prompt: Option<String>,
+    /// Class images for prior preservation (default 200; 0 = no prior preservation).
+    pub prior_images: usize,
+    /// Weight of the prior loss (default 1.0).
+    pub prior_loss_weight: f64,
+    /// Sampler steps of the generated class images (default 50, the pipeline's default).
+    pub prior_steps: usize,
+    /// Guidance scale of the generated class images (default 7.5).
+    pub prior_guidance: f64,
+    /// Also fine-tune the text encoder (DreamBooth: all of it; LoRA: its attention
+    /// projections), at the same learning rate.
+    pub train_text_encoder: bool,
+    /// LoRA rank r (default 4).
+    pub lora_rank: usize,
+    /// LoRA alpha (default: the rank, so the scale alpha / r is 1).
+    pub lora_alpha: Option<f64>,
+    /// Clip the gradients' total L2 norm to this (default 1.0; 0 = no clipping).
+    pub max_grad_norm: f64,
+    /// Recompute each UNet block in the backward pass instead of keeping its activations.
+    pub gradient_checkpointing: bool,
+    /// Custom Diffusion's modifier token (default `<new1>`; its row starts from `--init-word`,
+    /// default `sks`: the reference default `ktn` is two CLIP tokens).
+    pub modifier_token: String,
+    /// Custom Diffusion: the BOS token's cross-attention keys and values get no gradient, as
+    /// diffusers' `CustomDiffusionAttnProcessor` and the paper's code do (default true).
+    pub detach_bos: bool,
+}
+
+impl Default for BaselineSettings {
+    fn default() -> Self {
+        Self {
+            identifier: "sks".into(),
+            instance_prompt: None,
+            class_prompt: None,
+            prior_images: 200,
+            prior_loss_weight: 1.0,
+            prior_steps: 50,
+            prior_guidance: 7.5,
+            train_text_encoder: false,
+            lora_rank: 4,
+            lora_alpha: None,
+            max_grad_norm: 1.0,
+            gradient_checkpointing: false,
+            modifier_token: "<new1>".into(),
+            detach_bos: true,
+        }
+    }
+}
+
+impl BaselineSettings {
+    /// The instance prompt of `method` for a subject of class `class`.
+    pub fn instance_prompt(&self, method: Method, class: &str) -> String {
+        let t = match (&self.instance_prompt, method) {
+            (Some(t), _) => t.clone(),
+            (None, Method::CustomDiffusion) => {
+                format!("photo of a {} {{class}}", self.modifier_token)
+            }
+            (None, _) => "a photo of {identifier} {class}".to_string(),
+        };
+        t.replace("{identifier}", &self.identifier)
+            .replace("{class}", class)
+    }
+
+    /// The class prompt for a subject of class `class`.
+    pub fn class_prompt(&self, class: &str) -> String {
+        self.class_prompt
+            .clone()
+            .unwrap_or_else(|| "a photo of {class}".to_string())
+            .replace("{class}", class)
+    }
+
+    /// alpha / r, the factor of every LoRA product.
+    pub fn lora_scale(&self) -> f64 {
+        self.lora_alpha.unwrap_or(self.lora_rank as f64) / self.lora_rank.max(1) as f64
+    }
 }
 
 impl Default for TrainSettings {
@@ -59,9 +152,9 @@ impl Default for TrainSettings {
             batch: None,
             grad_accum: None,
             base_lr: None,
-            scale_lr: true,
+            scale_lr: None,
             resolution: 512,
-            flip_p: 0.5,
+            flip_p: None,
             num_vectors: 1,
             init_word: None,
             schedule: Schedule::Cosine,
@@ -73,6 +166,7 @@ impl Default for TrainSettings {
             validation_steps: 25,
             adamw: AdamWConfig::default(),
             seed: 0,
+            baseline: BaselineSettings::default(),
         }
     }
 }
@@ -94,6 +188,17 @@ pub struct Resolved {
     pub base_lr: f64,
     /// The learning rate used: base_lr x batch x grad_accum when scale_lr.
     pub lr: f64,
+    #[serde(rename = "resolved_scale_lr", default = "yes")]
+    pub scale_lr: bool,
+    #[serde(rename = "resolved_flip_p", default = "half")]
+    pub flip_p: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn half() -> f64 {
+    0.5
 }
 
 impl TrainSettings {
@@ -121,11 +226,41 @@ impl TrainSettings {
         if self.num_vectors == 0 {
             anyhow::bail!("num_vectors must be at least 1");
         }
-        let lr = if self.scale_lr {
+        let b = &self.baseline;
+        if m.trains_weights() {
+            if b.lora_rank == 0 {
+                anyhow::bail!("--lora-rank must be at least 1");
+            }
+            if b.prior_loss_weight.is_nan() || b.prior_loss_weight < 0.0 {
+                anyhow::bail!(
+                    "--prior-loss-weight must be 0 or more (got {})",
+                    b.prior_loss_weight
+                );
+            }
+            if b.max_grad_norm.is_nan() || b.max_grad_norm < 0.0 {
+                anyhow::bail!("max_grad_norm must be 0 or more (got {})", b.max_grad_norm);
+            }
+            if b.prior_images > 0 && b.prior_steps == 0 {
+                anyhow::bail!("prior_steps must be at least 1");
+            }
+        }
+        let scale_lr = self.scale_lr.unwrap_or_else(|| m.default_scale_lr());
+        let flip_p = self
+            .flip_p
+            .unwrap_or(if m.uses_identifier() { 0.0 } else { 0.5 });
+        if !(0.0..=1.0).contains(&flip_p) {
+            anyhow::bail!("flip_p must be in [0, 1] (got {flip_p})");
+        }
+        let mut lr = if scale_lr {
             Method::scaled_lr(base_lr, batch, grad_accum)
         } else {
             base_lr
         };
+        // train_custom_diffusion.py doubles a scaled rate with prior preservation (the class
+        // images double the batch).
+        if scale_lr && m == Method::CustomDiffusion && b.prior_images > 0 {
+            lr *= 2.0;
+        }
         Ok(Resolved {
             s: self.clone(),
             steps,
@@ -133,6 +268,8 @@ impl TrainSettings {
             grad_accum,
             base_lr,
             lr,
+            scale_lr,
+            flip_p,
         })
     }
 }

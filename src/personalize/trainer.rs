@@ -11,9 +11,11 @@ use crate::personalize::optim::{accumulate, AdamW};
 use crate::personalize::prompts::{self, PromptSampler};
 use crate::personalize::settings::Resolved;
 use crate::personalize::tokens::{ids_tensor, ClipTokenizer};
+use crate::personalize::{prior, weights};
 use crate::pipeline::StableDiffusion;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
@@ -46,6 +48,26 @@ fn f32_name() -> String {
 }
 
 impl RunInfo {
+    /// What stands for the subject in a prompt's `{}`: the learned placeholder(s) (`<v*>`),
+    /// DreamBooth's identifier and class (`sks dog`), or Custom Diffusion's modifier token and
+    /// class (`<new1> dog`).
+    pub fn subject_text(&self) -> String {
+        let m = self.settings.s.method;
+        if m.uses_identifier() {
+            format!(
+                "{} {}",
+                self.settings.s.baseline.identifier, self.class_word
+            )
+        } else if m == Method::CustomDiffusion {
+            format!(
+                "{} {}",
+                self.settings.s.baseline.modifier_token, self.class_word
+            )
+        } else {
+            prompts::placeholder_text(self.placeholder_tokens.len())
+        }
+    }
+
     /// All added tokens in id order.
     pub fn all_tokens(&self) -> Vec<String> {
         self.placeholder_tokens
@@ -62,6 +84,9 @@ struct Example {
     posterior: [(Tensor, Tensor); 2],
     /// Subject masks `[1, 1, h, w]` on the latent grid, plain and flipped.
     mask: Option<[Tensor; 2]>,
+    /// Custom Diffusion: the image at the training resolution, re-viewed (rescaled, pasted or
+    /// cropped) and encoded each step.
+    pixels: Option<image::RgbImage>,
 }
 
 /// The losses of one optimizer step, as logged.
@@ -73,8 +98,23 @@ pub struct StepLog {
     pub bg: Option<f64>,
     pub joint: Option<f64>,
     pub nce: Option<f64>,
+    /// Prior preservation's class-image MSE (before its weight), where it applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prior: Option<f64>,
+    /// The gradients' total L2 norm before clipping (the weight-training methods).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
     pub schedule_weight: f64,
     pub lr: f64,
+}
+
+/// What one micro-batch's forward pass gives: the total loss, the paper's parts, whether the
+/// attractor objective applied, and the prior loss (unweighted) where prior preservation did.
+struct MicroBatch {
+    total: Tensor,
+    parts: LossParts,
+    plus: bool,
+    prior: Option<Tensor>,
 }
 
 /// A training run in memory.
@@ -90,6 +130,13 @@ pub struct Trainer<'a> {
     /// Optimizer steps done.
     pub step: usize,
     examples: Vec<Example>,
+    /// Prior preservation's class images (posteriors only), their epoch order and position.
+    class_examples: Vec<Example>,
+    class_order: Vec<usize>,
+    class_cursor: usize,
+    /// The token whose contextual embedding is the subject in InfoNCE: `<v*>`'s id, or the
+    /// identifier's (`sks`) for dreambooth-lora+.
+    subject_id: u32,
     /// Epoch order of the training images (shuffled each epoch, as a shuffling data loader) and
     /// the position in it: every image, hence every attractor, is seen once per epoch.
     order: Vec<usize>,
@@ -124,8 +171,44 @@ pub fn check_masks(subject: &Subject, dataset_dir: &Path) -> Result<Vec<PathBuf>
     Ok(paths)
 }
 
+/// Get a model ready for a method that trains weights: the class images of prior preservation
+/// (generated from the still-frozen base model, cached under `cache`), then the trainable
+/// weights ([`weights::make_trainable`]). Returns the class images' paths (none for the token
+/// methods, or with `prior_images = 0`). `on_image(i, n, generated)` reports each class image.
+pub fn prepare_model(
+    sd: &mut StableDiffusion,
+    s: &Resolved,
+    subject: &Subject,
+    cache: &Path,
+    on_image: &mut dyn FnMut(usize, usize, bool),
+) -> Result<Vec<PathBuf>> {
+    let method = s.s.method;
+    if !method.trains_weights() {
+        return Ok(Vec::new());
+    }
+    let b = &s.s.baseline;
+    let class_images = if method.uses_prior() && b.prior_images > 0 {
+        let key = prior::ClassImageKey {
+            model: sd.id.clone(),
+            prompt: b.class_prompt(&subject.class),
+            sampler: crate::sd::samplers::SamplerKind::Ddim,
+            steps: b.prior_steps,
+            guidance: b.prior_guidance,
+            seed: 0,
+            size: s.s.resolution,
+        };
+        prior::ensure_class_images(sd, &key, b.prior_images, cache, on_image)?
+    } else {
+        Vec::new()
+    };
+    weights::make_trainable(sd, s)?;
+    Ok(class_images)
+}
+
 impl<'a> Trainer<'a> {
-    /// Set up a fresh run: tokens, initial rows or mappers, cached posteriors and masks.
+    /// Set up a fresh run: tokens, initial rows or mappers, cached posteriors and masks. A
+    /// method that trains weights needs the model from [`prepare_model`] and then
+    /// [`Trainer::set_class_images`] with the paths it returned.
     pub fn new(
         sd: &'a StableDiffusion,
         settings: Resolved,
@@ -133,9 +216,19 @@ impl<'a> Trainer<'a> {
         dataset_dir: &Path,
     ) -> Result<Self> {
         let method = settings.s.method;
+        if method.trains_weights() && sd.trainable.is_empty() {
+            bail!("{method} trains model weights: prepare the model with trainer::prepare_model first");
+        }
         let mut rng = Rng::new(settings.s.seed);
         let mut tokenizer = sd.tokenizer.clone();
-        let placeholder_tokens = prompts::placeholder_tokens(settings.s.num_vectors);
+        let baseline = &settings.s.baseline;
+        let placeholder_tokens = if method.uses_identifier() {
+            Vec::new()
+        } else if method == Method::CustomDiffusion {
+            vec![baseline.modifier_token.clone()]
+        } else {
+            prompts::placeholder_tokens(settings.s.num_vectors)
+        };
         let attractor_tokens: Vec<String> = if method.uses_attractor() {
             (0..subject.train_images.len())
                 .map(prompts::attractor_token)
@@ -143,13 +236,34 @@ impl<'a> Trainer<'a> {
         } else {
             Vec::new()
         };
-        let init_word = match &settings.s.init_word {
-            Some(w) => w.clone(),
-            None => tokenizer.default_init_word(&subject.class),
+        let init_word = match (&settings.s.init_word, method) {
+            (Some(w), _) => w.clone(),
+            (None, Method::CustomDiffusion) => "sks".to_string(),
+            (None, m) if m.uses_identifier() => baseline.identifier.clone(),
+            (None, _) => tokenizer.default_init_word(&subject.class),
         };
-        let init_id = tokenizer
-            .single_token_id(&init_word)
-            .with_context(|| "--init-word".to_string())?;
+        let subject_id = if method.uses_identifier() {
+            match tokenizer.single_token_id(&baseline.identifier) {
+                Ok(id) => id,
+                Err(e) => {
+                    eprintln!("warning: --identifier {:?} is not one CLIP token ({e}); DreamBooth users expect a rare single token such as `sks`", baseline.identifier);
+                    tokenizer
+                        .text_ids(&baseline.identifier)?
+                        .first()
+                        .copied()
+                        .unwrap_or(0)
+                }
+            }
+        } else {
+            sd.text.config.vocab_size as u32
+        };
+        let init_id = if method.uses_identifier() {
+            subject_id
+        } else {
+            tokenizer
+                .single_token_id(&init_word)
+                .with_context(|| "--init-word".to_string())?
+        };
         let bg_id = tokenizer.single_token_id(prompts::ATTRACTOR_INIT_WORD)?;
         let info = RunInfo {
             settings: settings.clone(),
@@ -205,6 +319,8 @@ impl<'a> Trainer<'a> {
                 },
                 named,
             )
+        } else if info.placeholder_tokens.is_empty() && info.attractor_tokens.is_empty() {
+            (Learned::None, Vec::new())
         } else {
             let mut rows = Vec::new();
             for _ in &info.placeholder_tokens {
@@ -219,14 +335,21 @@ impl<'a> Trainer<'a> {
                 vec![("rows".to_string(), var)],
             )
         };
+        // The learned tokens' variables first (TI's rows stay at index 0), then the model's.
+        let mut named_vars = named_vars;
+        named_vars.extend(sd.trainable.iter().cloned());
         let names = named_vars.iter().map(|(n, _)| n.clone()).collect();
         let vars: Vec<Var> = named_vars.into_iter().map(|(_, v)| v).collect();
         let opt = AdamW::new(vars, settings.s.adamw)?;
         let examples = load_examples(sd, subject, &settings, dataset_dir)?;
-        let subject_text = prompts::placeholder_text(settings.s.num_vectors);
+        let subject_text = info.subject_text();
         Ok(Self {
             sd,
             sampler: PromptSampler::new(subject_text, subject.class.clone()),
+            class_examples: Vec::new(),
+            class_order: Vec::new(),
+            class_cursor: 0,
+            subject_id,
             vocab: sd.text.config.vocab_size as u32,
             info,
             tokenizer,
@@ -246,8 +369,23 @@ impl<'a> Trainer<'a> {
         self.info.settings.s.method
     }
 
+    /// The class images of prior preservation (from [`prepare_model`]): their VAE posteriors
+    /// are computed once, like the instance images'.
+    pub fn set_class_images(&mut self, paths: &[PathBuf]) -> Result<()> {
+        self.class_examples = encode_images(self.sd, paths, self.info.settings.s.resolution)?;
+        self.class_order.clear();
+        self.class_cursor = 0;
+        Ok(())
+    }
+
+    /// True when each micro-batch carries class images (prior preservation).
+    fn uses_prior(&self) -> bool {
+        let s = &self.info.settings.s;
+        s.method.uses_prior() && s.baseline.prior_images > 0
+    }
+
     /// One micro-batch: the losses (not yet backpropagated).
-    fn micro_batch(&mut self, p: f64) -> Result<(Tensor, LossParts, bool)> {
+    fn micro_batch(&mut self, p: f64) -> Result<MicroBatch> {
         let s = self.info.settings.clone();
         let b = s.batch;
         let method = self.method();
@@ -259,18 +397,26 @@ impl<'a> Trainer<'a> {
         let mut masks = Vec::with_capacity(b);
         let mut ks = Vec::with_capacity(b);
         let mut ts = Vec::with_capacity(b);
+        let mut prefixes = Vec::with_capacity(b);
         for _ in 0..b {
             let k = self.next_image();
-            let flip = (self.rng.uniform_f32() as f64) < s.s.flip_p;
-            let ex = &self.examples[k];
-            let (mean, logvar) = &ex.posterior[flip as usize];
-            let z = (mean
-                + (logvar * 0.5)?
-                    .exp()?
-                    .mul(&self.rng.randn(mean.shape(), dev)?)?)?;
-            latents.push((z * scale)?);
-            if let Some(m) = &ex.mask {
-                masks.push(m[flip as usize].clone());
+            let flip = (self.rng.uniform_f32() as f64) < s.flip_p;
+            if method == Method::CustomDiffusion {
+                let (z, m, prefix) = self.rescaled_view(k, flip)?;
+                latents.push(z);
+                masks.push(m);
+                prefixes.push(prefix);
+            } else {
+                let ex = &self.examples[k];
+                let (mean, logvar) = &ex.posterior[flip as usize];
+                let z = (mean
+                    + (logvar * 0.5)?
+                        .exp()?
+                        .mul(&self.rng.randn(mean.shape(), dev)?)?)?;
+                latents.push((z * scale)?);
+                if let Some(m) = &ex.mask {
+                    masks.push(m[flip as usize].clone());
+                }
             }
             ks.push(k);
             ts.push(self.rng.range(0, sd.schedule.num_train_timesteps()));
@@ -278,8 +424,15 @@ impl<'a> Trainer<'a> {
         let x0 = Tensor::cat(&latents, 0)?;
         let eps = self.rng.randn(x0.shape(), dev)?;
         let zt = sd.schedule.add_noise(&x0, &eps, &ts)?;
-        // 2. the prompts: one per image (ti, neti) or one per pool and image (ti+, neti+)
-        let prompts: Vec<String> = if method.uses_attractor() {
+        // 1b. prior preservation: as many class images, each its own timestep and noise
+        let prior = if self.uses_prior() {
+            Some(self.class_batch(b, s.flip_p)?)
+        } else {
+            None
+        };
+        // 2. the prompts: one per image (ti, neti; the baselines' fixed instance prompt) or
+        // one per pool and image (the attractor methods), then the class prompts
+        let mut prompts: Vec<String> = if method.uses_attractor() {
             let triples: Vec<_> = ks
                 .iter()
                 .map(|&k| {
@@ -291,13 +444,25 @@ impl<'a> Trainer<'a> {
             v.extend(triples.iter().map(|t| t.background.clone()));
             v.extend(triples.iter().map(|t| t.joint.clone()));
             v
+        } else if method.trains_weights() {
+            let p = s.s.baseline.instance_prompt(method, &self.info.class_word);
+            if method == Method::CustomDiffusion {
+                prefixes.iter().map(|pre| format!("{pre}{p}")).collect()
+            } else {
+                vec![p; b]
+            }
         } else {
             (0..b).map(|_| self.sampler.object(&mut self.rng)).collect()
         };
         let pools = prompts.len() / b;
+        let mut t_all: Vec<usize> = (0..pools).flat_map(|_| ts.iter().copied()).collect();
+        if let Some((_, _, ts_c)) = &prior {
+            let cp = s.s.baseline.class_prompt(&self.info.class_word);
+            prompts.extend(std::iter::repeat_n(cp, b));
+            t_all.extend(ts_c.iter().copied());
+        }
         let tokens = self.tokenizer.encode_batch(&prompts)?;
         let ids = ids_tensor(&tokens, dev)?;
-        let t_all: Vec<usize> = (0..pools).flat_map(|_| ts.iter().copied()).collect();
         // 3. text conditioning (NeTI: 16 layers in one text-encoder pass, with nested dropout)
         let enc: Encoded = self.learned.encode(
             &sd.text,
@@ -313,36 +478,58 @@ impl<'a> Trainer<'a> {
                 },
             },
         )?;
-        // 4. one UNet call on all pools
-        let x_in = zt.repeat((pools, 1, 1, 1))?.to_dtype(sd.dtype)?;
+        // 4. one UNet call on all pools (and the class images)
+        let mut x_in = zt.repeat((pools, 1, 1, 1))?;
+        if let Some((zt_c, _, _)) = &prior {
+            x_in = Tensor::cat(&[&x_in, zt_c], 0)?;
+        }
+        let x_in = x_in.to_dtype(sd.dtype)?;
         let t_in = Tensor::new(t_all.iter().map(|&t| t as f32).collect::<Vec<_>>(), dev)?;
-        let pred = sd
+        let pred_all = sd
             .unet
             .forward(&x_in, &t_in, &enc.cond)?
             .to_dtype(DType::F32)?;
-        // 5. the losses
+        let pred = pred_all.narrow(0, 0, pools * b)?;
+        // 5. the losses: prior preservation's class MSE, weighted, joins the instance loss
+        let prior_loss = match &prior {
+            Some((_, eps_c, _)) => Some(losses::mse(&pred_all.narrow(0, pools * b, b)?, eps_c)?),
+            None => None,
+        };
+        let with_prior = |inst: Tensor| -> Result<Tensor> {
+            Ok(match &prior_loss {
+                Some(l) => (inst + (l * s.s.baseline.prior_loss_weight)?)?,
+                None => inst,
+            })
+        };
         if !method.uses_attractor() {
-            let l = losses::mse(&pred, &eps)?;
+            let l = if method == Method::CustomDiffusion {
+                // The loss only where the view has image (the pasted area), SPEC.md §8.
+                losses::masked_mean_mse(&pred, &eps, &Tensor::cat(&masks, 0)?)?
+            } else {
+                losses::mse(&pred, &eps)?
+            };
             let zero = l.zeros_like()?;
-            return Ok((
-                l.clone(),
-                LossParts {
+            return Ok(MicroBatch {
+                total: with_prior(l.clone())?,
+                parts: LossParts {
                     sub: zero.clone(),
                     bg: zero.clone(),
                     joint: l,
                     nce: zero,
                 },
-                false,
-            ));
+                plus: false,
+                prior: prior_loss,
+            });
         }
         let m_s = Tensor::cat(&masks, 0)?.to_dtype(pred.dtype())?;
         let m_b = m_s.affine(-1.0, 1.0)?;
         let sub = losses::masked_mse(&pred.narrow(0, 0, b)?, &eps, &m_s)?;
         let bg = losses::masked_mse(&pred.narrow(0, b, b)?, &eps, &m_b)?;
         let joint = losses::mse(&pred.narrow(0, 2 * b, b)?, &eps)?;
-        // InfoNCE on contextual embeddings: V = <v*> in the subject and joint prompts, A = the
-        // attractors in the background and joint prompts; averaged over layer groups.
-        let v_id = self.vocab;
+        // InfoNCE on contextual embeddings: V = the subject token in the subject and joint
+        // prompts, A = the attractors in the background and joint prompts; averaged over layer
+        // groups.
+        let v_id = self.subject_id;
         let first = |row: usize, id: u32| tokens[row].positions(id).first().copied();
         let mut v_at = Vec::new();
         let mut a_at = Vec::new();
@@ -374,18 +561,115 @@ impl<'a> Trainer<'a> {
         };
         let w = s.s.schedule.weight(p);
         let total = losses::total_loss(&parts, &s.s.weights, w)?;
-        Ok((total, parts, true))
+        Ok(MicroBatch {
+            total: with_prior(total)?,
+            parts,
+            plus: true,
+            prior: prior_loss,
+        })
+    }
+
+    /// Custom Diffusion's augmentation of image `k` (SPEC.md §8, `train_custom_diffusion.py`):
+    /// with probability 0.66 shrunk to `s ~ U{res/3 .. res}` and pasted at a random place,
+    /// else enlarged to `s ~ U{1.2 res .. 1.4 res}` and cropped at a random place; encoded by
+    /// the VAE and sampled. Returns the scaled latent `[1, 4, h, w]`, the loss mask `[1, 1, h, w]`
+    /// and the prompt prefix the view calls for ("a far away " / "very small " below 0.6 res,
+    /// "zoomed in " / "close up " above res).
+    fn rescaled_view(&mut self, k: usize, flip: bool) -> Result<(Tensor, Tensor, &'static str)> {
+        let sd = self.sd;
+        let res = self.info.settings.s.resolution;
+        let f = 1usize << (sd.vae_config.block_out_channels.len() - 1);
+        let img = self.examples[k]
+            .pixels
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("custom diffusion: image {k} has no pixels"))?;
+        let img = if flip {
+            crate::data::image::hflip_image(img)
+        } else {
+            img.clone()
+        };
+        let scale = if (self.rng.uniform_f32() as f64) < 0.66 {
+            self.rng.range(res / 3, res + 1)
+        } else {
+            self.rng
+                .range((1.2 * res as f64) as usize, (1.4 * res as f64) as usize)
+        };
+        let (outer, inner) = if scale > res {
+            (scale, res)
+        } else {
+            (res, scale)
+        };
+        let top = self.rng.range(0, outer - inner + 1);
+        let left = self.rng.range(0, outer - inner + 1);
+        let (x, mask) = crate::data::image::rescaled_view(
+            &img,
+            res as u32,
+            scale as u32,
+            (top as u32, left as u32),
+            res / f,
+        )?;
+        let prefix = if (scale as f64) < 0.6 * res as f64 {
+            ["a far away ", "very small "][self.rng.range(0, 2)]
+        } else if scale > res {
+            ["zoomed in ", "close up "][self.rng.range(0, 2)]
+        } else {
+            ""
+        };
+        let dev = &sd.device;
+        let post = sd
+            .vae
+            .encode(&x.to_device(dev)?.to_dtype(sd.dtype)?.unsqueeze(0)?)?;
+        let (mean, logvar) = (
+            post.mean.to_dtype(DType::F32)?,
+            post.logvar.to_dtype(DType::F32)?,
+        );
+        let z = (&mean
+            + (logvar * 0.5)?
+                .exp()?
+                .mul(&self.rng.randn(mean.shape(), dev)?)?)?;
+        Ok((
+            (z * sd.vae_config.scaling_factor)?,
+            mask.to_device(dev)?,
+            prefix,
+        ))
+    }
+
+    /// `n` class images for prior preservation: noised latents, their noise and timesteps
+    /// (the class images' own epoch order, like the instance images').
+    fn class_batch(&mut self, n: usize, flip_p: f64) -> Result<(Tensor, Tensor, Vec<usize>)> {
+        if self.class_examples.is_empty() {
+            bail!("prior preservation needs class images: call Trainer::set_class_images with the paths from trainer::prepare_model (or set prior_images = 0)");
+        }
+        let sd = self.sd;
+        let dev = &sd.device;
+        let mut latents = Vec::with_capacity(n);
+        let mut ts = Vec::with_capacity(n);
+        for _ in 0..n {
+            if self.class_cursor >= self.class_order.len() {
+                self.class_order = shuffled(self.class_examples.len(), &mut self.rng);
+                self.class_cursor = 0;
+            }
+            let k = self.class_order[self.class_cursor];
+            self.class_cursor += 1;
+            let flip = (self.rng.uniform_f32() as f64) < flip_p;
+            let (mean, logvar) = &self.class_examples[k].posterior[flip as usize];
+            let z = (mean
+                + (logvar * 0.5)?
+                    .exp()?
+                    .mul(&self.rng.randn(mean.shape(), dev)?)?)?;
+            latents.push((z * sd.vae_config.scaling_factor)?);
+            ts.push(self.rng.range(0, sd.schedule.num_train_timesteps()));
+        }
+        let x0 = Tensor::cat(&latents, 0)?;
+        let eps = self.rng.randn(x0.shape(), dev)?;
+        let zt = sd.schedule.add_noise(&x0, &eps, &ts)?;
+        Ok((zt, eps, ts))
     }
 
     /// The next image of the epoch order, reshuffling (Fisher-Yates, our RNG) at each epoch start.
     fn next_image(&mut self) -> usize {
         if self.cursor >= self.order.len() {
-            let n = self.examples.len();
-            self.order = (0..n).collect();
-            for i in (1..n).rev() {
-                let j = self.rng.range(0, i + 1);
-                self.order.swap(i, j);
-            }
+            self.order = shuffled(self.examples.len(), &mut self.rng);
             self.cursor = 0;
         }
         let k = self.order[self.cursor];
@@ -400,16 +684,17 @@ impl<'a> Trainer<'a> {
         let p = self.step as f64 / total_steps as f64;
         let accum = self.info.settings.grad_accum;
         let mut grads = None;
-        let mut sums = [0f64; 5];
+        let mut sums = [0f64; 6];
         let mut plus = false;
+        let mut with_prior = false;
         let (mut forward_s, mut backward_s) = (0.0, 0.0);
         for _ in 0..accum {
             let t0 = std::time::Instant::now();
-            let (loss, parts, is_plus) = self.micro_batch(p)?;
-            plus = is_plus;
+            let mb = self.micro_batch(p)?;
+            plus = mb.plus;
             let scalar =
                 |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-            let lv = scalar(&loss)?;
+            let lv = scalar(&mb.total)?;
             if !lv.is_finite() {
                 bail!(
                     "the loss became {lv} at step {}: training stopped, and the last checkpoint in {} is kept. Fix: lower the learning rate (--lr) or check the training images",
@@ -418,19 +703,30 @@ impl<'a> Trainer<'a> {
                 );
             }
             sums[0] += lv;
-            sums[1] += scalar(&parts.sub)?;
-            sums[2] += scalar(&parts.bg)?;
-            sums[3] += scalar(&parts.joint)?;
-            sums[4] += scalar(&parts.nce)?;
+            sums[1] += scalar(&mb.parts.sub)?;
+            sums[2] += scalar(&mb.parts.bg)?;
+            sums[3] += scalar(&mb.parts.joint)?;
+            sums[4] += scalar(&mb.parts.nce)?;
+            if let Some(l) = &mb.prior {
+                sums[5] += scalar(l)?;
+                with_prior = true;
+            }
             let t1 = std::time::Instant::now();
             forward_s += (t1 - t0).as_secs_f64();
-            let g = (loss / accum as f64)?.backward()?;
+            let mut g = (mb.total / accum as f64)?.backward()?;
+            self.collect_checkpointed(&mut g)?;
             grads = Some(accumulate(grads, g, &self.opt.vars)?);
             backward_s += t1.elapsed().as_secs_f64();
         }
-        let grads = grads.ok_or_else(|| anyhow::anyhow!("no micro-batches"))?;
+        let mut grads = grads.ok_or_else(|| anyhow::anyhow!("no micro-batches"))?;
         let lr = self.info.settings.lr;
         let t2 = std::time::Instant::now();
+        let max_norm = self.info.settings.s.baseline.max_grad_norm;
+        let grad_norm = if self.method().trains_weights() {
+            Some(clip_grad_norm(&mut grads, &self.opt.vars, max_norm)?)
+        } else {
+            None
+        };
         self.opt.step(&grads, lr)?;
         self.refresh_learned()?;
         self.last_step_seconds = (forward_s, backward_s + t2.elapsed().as_secs_f64());
@@ -444,6 +740,8 @@ impl<'a> Trainer<'a> {
             bg: opt(sums[2]),
             joint: if plus { Some(sums[3] / n) } else { None },
             nce: opt(sums[4]),
+            prior: with_prior.then(|| sums[5] / n),
+            grad_norm,
             schedule_weight: if plus {
                 self.info.settings.s.schedule.weight(p)
             } else {
@@ -451,6 +749,15 @@ impl<'a> Trainer<'a> {
             },
             lr,
         })
+    }
+
+    /// With gradient checkpointing, the UNet blocks' parameter gradients come from their
+    /// recomputed backward passes: add them to `g`.
+    fn collect_checkpointed(&self, g: &mut GradStore) -> Result<()> {
+        if let Some(sink) = &self.sd.unet.checkpointing {
+            sink.drain_into(g)?;
+        }
+        Ok(())
     }
 
     /// After `Var::set`, TI's `Learned::Rows` must see the new values (mappers hold the vars).
@@ -465,8 +772,8 @@ impl<'a> Trainer<'a> {
     /// loss does not reach it). For tests: every trainable tensor must get a gradient, and a
     /// half-precision model must give the f32 model's gradients.
     pub fn gradients(&mut self) -> Result<Vec<(String, Option<Tensor>)>> {
-        let (loss, _, _) = self.micro_batch(0.5)?;
-        let g = loss.backward()?;
+        let mut g = self.micro_batch(0.5)?.total.backward()?;
+        self.collect_checkpointed(&mut g)?;
         Ok(self
             .names
             .iter()
@@ -528,6 +835,11 @@ impl<'a> Trainer<'a> {
         meta.insert("run".into(), serde_json::to_string(&self.info)?);
         meta.insert("order".into(), serde_json::to_string(&self.order)?);
         meta.insert("cursor".into(), self.cursor.to_string());
+        meta.insert(
+            "class_order".into(),
+            serde_json::to_string(&self.class_order)?,
+        );
+        meta.insert("class_cursor".into(), self.class_cursor.to_string());
         crate::files::save_safetensors(path, &tensors, &meta)
     }
 
@@ -569,33 +881,107 @@ impl<'a> Trainer<'a> {
         self.rng = Rng::from_state(seed, field("rng_word_pos")?.parse()?);
         self.order = serde_json::from_str(&field("order")?)?;
         self.cursor = field("cursor")?.parse()?;
+        // Checkpoints of runs without prior preservation (and older ones) have no class order.
+        self.class_order = match meta.get("class_order") {
+            Some(o) => serde_json::from_str(o)?,
+            None => Vec::new(),
+        };
+        self.class_cursor = meta
+            .get("class_cursor")
+            .map(|c| c.parse())
+            .transpose()?
+            .unwrap_or(0);
         self.refresh_learned()?;
         Ok(())
     }
 
     /// Write what users load: `learned_embeds.safetensors` (TI: `{"<v*>": [n, D]}`, format pt,
-    /// loads in diffusers `load_textual_inversion` and A1111), `attractors.safetensors`, or the
-    /// NeTI mappers. `suffix` = `-steps-N` for intermediate saves.
+    /// loads in diffusers `load_textual_inversion` and A1111), `attractors.safetensors`, the
+    /// NeTI mappers, and for the weight-training methods their files (see
+    /// [`crate::personalize::generate::learned_file_names`]). `suffix` = `-steps-N` for
+    /// intermediate saves.
     pub fn save_outputs(&self, dir: &Path, suffix: &str) -> Result<Vec<PathBuf>> {
         let names = crate::personalize::generate::learned_file_names(&self.info, suffix);
         let mut written = Vec::new();
         let mut fmt = HashMap::new();
         fmt.insert("format".to_string(), "pt".to_string());
+        let method = self.method();
+        match method.weight_training() {
+            crate::personalize::WeightTraining::Frozen => {}
+            crate::personalize::WeightTraining::FullUnet => {
+                let files = self.sd.source.files().ok_or_else(|| {
+                    anyhow::anyhow!("a model folder needs the base model's files (this model has random weights)")
+                })?;
+                let strip = |prefix: &str| -> Vec<(String, Tensor)> {
+                    self.parameters()
+                        .into_iter()
+                        .filter_map(|(n, t)| n.strip_prefix(prefix).map(|k| (k.to_string(), t)))
+                        .collect()
+                };
+                let unet = strip(weights::UNET);
+                let text = strip(weights::TEXT_ENCODER);
+                let folder = dir.join(format!("model{suffix}"));
+                crate::adapters::diffusers_folder::save(
+                    &folder,
+                    files,
+                    Some(&unet),
+                    (!text.is_empty()).then_some(text.as_slice()),
+                )?;
+                written.push(folder);
+                return Ok(written);
+            }
+            crate::personalize::WeightTraining::Lora => {
+                let w = self.lora_weights()?;
+                let diffusers = dir.join(&names[0]);
+                crate::adapters::lora::save_diffusers(&diffusers, &w)?;
+                let kohya = dir.join(&names[1]);
+                crate::adapters::lora::save_kohya(&kohya, &w)?;
+                written.extend([diffusers, kohya]);
+            }
+            crate::personalize::WeightTraining::CrossAttentionKv => {
+                let kv = self
+                    .parameters()
+                    .into_iter()
+                    .filter_map(|(n, t)| {
+                        n.strip_prefix(weights::UNET)
+                            .and_then(|k| k.strip_suffix(".weight"))
+                            .map(|m| (m.to_string(), t))
+                    })
+                    .collect();
+                let p = dir.join(&names[0]);
+                crate::adapters::custom_diffusion::save_weights(&p, &kv)?;
+                written.push(p);
+                if let Learned::Rows(rows) = &self.learned {
+                    let p = dir.join(&names[1]);
+                    crate::adapters::custom_diffusion::save_token(
+                        &p,
+                        &self.info.placeholder_tokens[0],
+                        &rows.narrow(0, 0, 1)?,
+                    )?;
+                    written.push(p);
+                }
+                return Ok(written);
+            }
+        }
         match &self.learned {
+            Learned::None => {}
             Learned::Rows(rows) => {
                 let n = self.info.placeholder_tokens.len();
-                let p = dir.join(&names[0]);
-                crate::files::save_safetensors(
-                    &p,
-                    &[(
-                        self.info.placeholder_tokens[0].clone(),
-                        rows.narrow(0, 0, n)?,
-                    )],
-                    &fmt,
-                )?;
-                written.push(p);
+                let mut next = names.iter().skip(written.len());
+                if n > 0 {
+                    let p = dir.join(next.next().ok_or_else(|| anyhow::anyhow!("no file name"))?);
+                    crate::files::save_safetensors(
+                        &p,
+                        &[(
+                            self.info.placeholder_tokens[0].clone(),
+                            rows.narrow(0, 0, n)?,
+                        )],
+                        &fmt,
+                    )?;
+                    written.push(p);
+                }
                 if !self.info.attractor_tokens.is_empty() {
-                    let p = dir.join(&names[1]);
+                    let p = dir.join(next.next().ok_or_else(|| anyhow::anyhow!("no file name"))?);
                     let t: Vec<(String, Tensor)> = self
                         .info
                         .attractor_tokens
@@ -627,6 +1013,72 @@ impl<'a> Trainer<'a> {
         }
         Ok(written)
     }
+
+    /// The LoRA factors as the adapter files hold them (module path -> down, up, alpha).
+    pub fn lora_weights(&self) -> Result<crate::adapters::lora::LoraWeights> {
+        let b = &self.info.settings.s.baseline;
+        let alpha = b.lora_alpha.unwrap_or(b.lora_rank as f64);
+        let params: HashMap<String, Tensor> = self.parameters().into_iter().collect();
+        let mut w = crate::adapters::lora::LoraWeights::default();
+        for (n, down) in &params {
+            let Some(module) = n.strip_suffix(".lora_A.weight") else {
+                continue;
+            };
+            let up = params
+                .get(&format!("{module}.lora_B.weight"))
+                .ok_or_else(|| anyhow::anyhow!("{module} has no lora_B"))?;
+            w.modules.insert(
+                module.to_string(),
+                crate::adapters::lora::LoraModule {
+                    down: down.clone(),
+                    up: up.clone(),
+                    alpha: Some(alpha),
+                },
+            );
+        }
+        Ok(w)
+    }
+}
+
+/// `torch.nn.utils.clip_grad_norm_` over `vars`: the total L2 norm of their gradients (f32, as
+/// PyTorch computes it), and every gradient scaled by `min(1, max_norm / (norm + 1e-6))` when
+/// `max_norm > 0` (PyTorch multiplies by the clamped factor even when it is 1). Returns the
+/// norm before clipping.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
+    let mut sq = Vec::new();
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sq.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
+        }
+    }
+    if sq.is_empty() {
+        return Ok(0.0);
+    }
+    let norm = Tensor::stack(&sq, 0)?
+        .sum_all()?
+        .sqrt()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if max_norm > 0.0 {
+        let coef = (max_norm / (norm + 1e-6)).min(1.0);
+        for v in vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let scaled = (g * coef)?;
+                grads.insert(v.as_tensor(), scaled);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// `0..n` in a Fisher-Yates order drawn from `rng`.
+fn shuffled(n: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = rng.range(0, i + 1);
+        order.swap(i, j);
+    }
+    order
 }
 
 /// Add the run's tokens to a tokenizer and check they got the ids the concept expects.
@@ -693,9 +1145,44 @@ fn load_examples(
             }
             None => None,
         };
+        let pixels = (settings.s.method == Method::CustomDiffusion).then(|| {
+            image::imageops::resize(&img, res, res, image::imageops::FilterType::CatmullRom)
+        });
         out.push(Example {
             posterior: [pm(0)?, pm(1)?],
             mask,
+            pixels,
+        });
+    }
+    Ok(out)
+}
+
+/// VAE posteriors of images (and their mirrors) without masks: prior preservation's class
+/// images.
+fn encode_images(
+    sd: &StableDiffusion,
+    paths: &[PathBuf],
+    resolution: usize,
+) -> Result<Vec<Example>> {
+    use crate::data::image as im;
+    let dev = &sd.device;
+    let mut out = Vec::with_capacity(paths.len());
+    for path in paths {
+        let img = im::load_rgb(path)?;
+        let x = im::to_tensor(&img, resolution as u32)?
+            .to_device(dev)?
+            .to_dtype(sd.dtype)?
+            .unsqueeze(0)?;
+        let both = Tensor::cat(&[&x, &im::hflip(&x)?], 0)?;
+        let post = sd.vae.encode(&both)?;
+        let pm = |j: usize| -> Result<(Tensor, Tensor)> {
+            let f32_row = |t: &Tensor| t.narrow(0, j, 1)?.to_dtype(DType::F32);
+            Ok((f32_row(&post.mean)?, f32_row(&post.logvar)?))
+        };
+        out.push(Example {
+            posterior: [pm(0)?, pm(1)?],
+            mask: None,
+            pixels: None,
         });
     }
     Ok(out)

@@ -1,8 +1,11 @@
 //! The report of a sweep (SPEC.md §6-7): every evaluation summary under a sweep folder, pooled
 //! over subjects into one table per split (method x schedule: mean and standard error of CLIP-T,
 //! CLIP-I and DINO), the schedule bar chart (the paper's Fig. 7), the method bubble chart
-//! (Fig. 5: x DINO, y CLIP-I, bubble size CLIP-T), and one self-contained HTML page with the
-//! tables, the plots and a grid of generated samples.
+//! (Fig. 5: x DINO, y CLIP-I, bubble size CLIP-T, a colour per method family, arrows from ti,
+//! neti and dreambooth-lora to their + variants), and one self-contained HTML page with the
+//! tables, the plots and a grid of generated samples. Every method of
+//! [`Method::ALL`](crate::personalize::method::Method::ALL) has its place in the tables, in the
+//! paper's order.
 //!
 //! Layout it reads (what `scripts/sweep-schedules.sh` and `scripts/slurm/submit.sh` write):
 //!
@@ -38,7 +41,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-/// The schedule label of methods without an attractor (their schedule is not used).
+/// The schedule label of methods without an attractor (ti, neti, dreambooth, dreambooth-lora,
+/// custom-diffusion: their schedule is not used).
 pub const NO_SCHEDULE: &str = "-";
 
 /// One evaluated run found under the sweep folder.
@@ -46,7 +50,7 @@ pub const NO_SCHEDULE: &str = "-";
 pub struct Entry {
     pub subject: String,
     pub method: String,
-    /// The contrastive-weight schedule, or [`NO_SCHEDULE`] for ti / neti.
+    /// The contrastive-weight schedule, or [`NO_SCHEDULE`] for methods without an attractor.
     pub schedule: String,
     /// The evaluation folder (holds `summary.json`, `results.jsonl`, `images/`).
     pub eval_dir: PathBuf,
@@ -162,8 +166,8 @@ fn entry(root: &Path, path: &Path) -> Result<Option<Entry>> {
             }
             let n = parts.len();
             let method = parts[n - 3].clone();
-            let schedule = match method.parse::<MethodName>() {
-                Ok(MethodName(m)) if !m.uses_attractor() => NO_SCHEDULE.to_string(),
+            let schedule = match known_method(&method) {
+                Some(m) if !m.uses_attractor() => NO_SCHEDULE.to_string(),
                 _ => parts[n - 2].clone(),
             };
             (parts[n - 4].clone(), method, schedule)
@@ -178,18 +182,10 @@ fn entry(root: &Path, path: &Path) -> Result<Option<Entry>> {
     }))
 }
 
-/// A method name as users type it.
-struct MethodName(Method);
-
-impl std::str::FromStr for MethodName {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        Method::ALL
-            .iter()
-            .find(|m| m.name() == s)
-            .map(|m| MethodName(*m))
-            .ok_or(())
-    }
+/// The method of a name as users type it (`ti`, ..., `dreambooth-lora+`); `None` for names no
+/// method has.
+pub fn known_method(name: &str) -> Option<Method> {
+    Method::ALL.iter().copied().find(|m| m.name() == name)
 }
 
 /// Sort key: the paper's method order, unknown names after.
@@ -354,7 +350,8 @@ pub fn split_tag(split: Split) -> &'static str {
     }
 }
 
-/// A method name usable in a file name (`neti+` -> `netiplus`).
+/// A method name usable in a file name (`neti+` -> `netiplus`, `dreambooth-lora+` ->
+/// `dreambooth-loraplus`).
 pub fn method_tag(method: &str) -> String {
     method
         .replace('+', "plus")
@@ -767,11 +764,85 @@ mod tests {
         assert!(discover(&tmp.path().join("missing")).is_err());
     }
 
+    /// Every method is found by path layout (the baselines train once per subject: no
+    /// schedule; dreambooth-lora+ keeps its schedule) and gets its row, in the paper's order.
+    #[test]
+    fn every_method_gets_a_row_in_table_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let runs = tmp.path().join("runs/dog");
+        for (k, m) in Method::ALL.iter().rev().enumerate() {
+            let folder = if m.uses_attractor() { "cosine" } else { "none" };
+            let recs: Vec<Record> = (0..2)
+                .map(|i| record("dog", Split::Test, i, k as f64 * 0.01))
+                .collect();
+            write_summary(&runs.join(m.name()).join(folder).join("eval"), &recs, None);
+        }
+        let (entries, skipped) = discover(tmp.path()).unwrap();
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let tables = tables(&entries);
+        assert_eq!(tables.len(), 1);
+        let rows: Vec<(String, String)> = tables[0]
+            .rows
+            .iter()
+            .map(|r| (r.method.clone(), r.schedule.clone()))
+            .collect();
+        let want: Vec<(String, String)> = Method::ALL
+            .iter()
+            .map(|m| {
+                let s = if m.uses_attractor() {
+                    "cosine"
+                } else {
+                    NO_SCHEDULE
+                };
+                (m.name().to_string(), s.to_string())
+            })
+            .collect();
+        assert_eq!(rows, want);
+        let md = tables[0].to_markdown();
+        assert!(md.contains("| dreambooth-lora+ | cosine | 1 | 2 |"), "{md}");
+        assert!(md.contains("| custom-diffusion | - | 1 | 2 |"), "{md}");
+    }
+
     #[test]
     fn orders_and_tags() {
         let mut m = vec!["neti+", "ti", "zzz", "neti"];
         m.sort_by_key(|x| method_rank(x));
         assert_eq!(m, ["ti", "neti", "neti+", "zzz"]);
+        // All eight methods: the paper's table order, base methods first.
+        let mut m = vec![
+            "dreambooth-lora+",
+            "neti+",
+            "custom-diffusion",
+            "zzz",
+            "ti+",
+            "dreambooth",
+            "neti",
+            "dreambooth-lora",
+            "ti",
+        ];
+        m.sort_by_key(|x| method_rank(x));
+        assert_eq!(
+            m,
+            [
+                "ti",
+                "neti",
+                "dreambooth",
+                "dreambooth-lora",
+                "custom-diffusion",
+                "ti+",
+                "neti+",
+                "dreambooth-lora+",
+                "zzz"
+            ]
+        );
+        for method in Method::ALL {
+            assert_eq!(known_method(method.name()), Some(method));
+            assert!(method_rank(method.name()).0 < Method::ALL.len());
+        }
+        assert_eq!(known_method("dreambooth-lora-plus"), None);
+        assert_eq!(method_tag("dreambooth-lora+"), "dreambooth-loraplus");
+        assert_eq!(method_tag("custom-diffusion"), "custom-diffusion");
+        assert_eq!(method_tag("ti+"), "tiplus");
         let mut s = vec!["cosine", "zero", NO_SCHEDULE, "sigmoid"];
         s.sort_by_key(|x| schedule_rank(x));
         assert_eq!(s, [NO_SCHEDULE, "zero", "sigmoid", "cosine"]);

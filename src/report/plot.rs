@@ -3,16 +3,18 @@
 //! - [`schedule_bars`]: one panel per metric (CLIP-T, CLIP-I, DINO), a bar per contrastive-weight
 //!   schedule with its standard error (the paper's Fig. 7);
 //! - [`method_bubbles`]: every (method, schedule) as a bubble at (DINO, CLIP-I) whose area grows
-//!   with CLIP-T (the paper's Fig. 5).
+//!   with CLIP-T, coloured by method [`Family`], with an arrow from each base method to its +
+//!   variant (the paper's Fig. 5; the geometry is [`bubble_layout`]'s).
 //!
 //! Text uses DejaVu Sans, bundled in `assets/fonts/` (see its licence there), through plotters'
 //! `ab_glyph` backend, so the plots look the same on every machine without system fonts.
 //! Value axes are zoomed to the data (differences between schedules are small); the tables
 //! carry the exact numbers.
 
-use super::{Row, Table, NO_SCHEDULE};
+use super::{known_method, Row, Table, NO_SCHEDULE};
 use crate::eval::checkpoints::{StepScores, PROTOCOLS};
 use crate::eval::summary::{Metrics, Stat};
+use crate::personalize::method::Method;
 use anyhow::{anyhow, Context, Result};
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
@@ -203,25 +205,127 @@ pub fn schedule_bars(table: &Table, method: &str, rows: &[Row]) -> Result<Vec<u8
     })
 }
 
-/// The method bubble chart (PNG): x DINO, y CLIP-I, bubble area growing with CLIP-T, one
-/// colour per method, each bubble labelled `method schedule`.
-pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
+/// A method family: the colour groups of the bubble chart (the paper's Fig. 5), each base
+/// method drawn in its family's colour with its + variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// ti, ti+.
+    TextualInversion,
+    /// neti, neti+.
+    Neti,
+    /// dreambooth, dreambooth-lora, dreambooth-lora+.
+    DreamBooth,
+    /// custom-diffusion.
+    CustomDiffusion,
+}
+
+impl Family {
+    /// The families in legend order (their colours are the first four of [`COLORS`]).
+    pub const ALL: [Family; 4] = [
+        Family::TextualInversion,
+        Family::Neti,
+        Family::DreamBooth,
+        Family::CustomDiffusion,
+    ];
+
+    /// The family of a method.
+    pub fn of(method: Method) -> Family {
+        match method {
+            Method::Ti | Method::TiPlus => Family::TextualInversion,
+            Method::Neti | Method::NetiPlus => Family::Neti,
+            Method::DreamBooth | Method::DreamBoothLora | Method::DreamBoothLoraPlus => {
+                Family::DreamBooth
+            }
+            Method::CustomDiffusion => Family::CustomDiffusion,
+        }
+    }
+
+    /// The family of a method name as the tables spell it; `None` for names no method has.
+    pub fn of_name(method: &str) -> Option<Family> {
+        known_method(method).map(Family::of)
+    }
+
+    /// The legend's name of the family.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::TextualInversion => "Textual Inversion",
+            Family::Neti => "NeTI",
+            Family::DreamBooth => "DreamBooth",
+            Family::CustomDiffusion => "Custom Diffusion",
+        }
+    }
+
+    /// The family's colour.
+    pub fn color(self) -> RGBColor {
+        color(Family::ALL.iter().position(|f| *f == self).unwrap_or(0))
+    }
+}
+
+/// One bubble of the method chart: a table row with finite DINO and CLIP-I.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bubble {
+    pub method: String,
+    pub schedule: String,
+    /// `method` or `method schedule`.
+    pub label: String,
+    /// DINO.
+    pub x: f64,
+    /// CLIP-I.
+    pub y: f64,
+    /// Pixels; the area grows linearly with CLIP-T.
+    pub radius: i32,
+    /// The method's family (`None`: a method name attractor does not know).
+    pub family: Option<Family>,
+    pub color: RGBColor,
+}
+
+/// An arrow of the method chart, from a base method's bubble to one of its + variant's
+/// (indices into [`BubbleLayout::bubbles`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arrow {
+    pub from: usize,
+    pub to: usize,
+}
+
+/// A legend entry of the method chart: a family, or a method name no family has.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LegendEntry {
+    pub name: String,
+    pub color: RGBColor,
+}
+
+/// Everything the method chart draws, computed from a table (see [`bubble_layout`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BubbleLayout {
+    pub bubbles: Vec<Bubble>,
+    pub arrows: Vec<Arrow>,
+    /// The families present (in [`Family::ALL`] order), then unknown methods (in table order).
+    pub legend: Vec<LegendEntry>,
+    /// DINO axis range.
+    pub x_range: (f64, f64),
+    /// CLIP-I axis range.
+    pub y_range: (f64, f64),
+    /// The smallest and largest finite CLIP-T (`None`: no finite value).
+    pub clip_t_range: Option<(f64, f64)>,
+}
+
+/// The method chart's contents: a bubble per row at (DINO, CLIP-I), sized by CLIP-T and
+/// coloured by method family; an arrow from each base method's bubble (ti, neti,
+/// dreambooth-lora) to each bubble of its + variant (one per schedule) when both are in the
+/// table, as the paper's Fig. 5 draws the effect of the attractor.
+pub fn bubble_layout(table: &Table) -> BubbleLayout {
     let rows = &table.rows;
     let dino: Vec<Stat> = rows.iter().map(|r| r.metrics.dino).collect();
     let clip_i: Vec<Stat> = rows.iter().map(|r| r.metrics.clip_i).collect();
-    let (x0, x1) = value_range(&dino);
-    let (y0, y1) = value_range(&clip_i);
-    let ct: Vec<f64> = rows.iter().map(|r| r.metrics.clip_t.mean).collect();
-    let ct_lo = ct
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(f64::INFINITY, f64::min);
-    let ct_hi = ct
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(f64::NEG_INFINITY, f64::max);
+    let x_range = value_range(&dino);
+    let y_range = value_range(&clip_i);
+    let finite_ct = || {
+        rows.iter()
+            .map(|r| r.metrics.clip_t.mean)
+            .filter(|v| v.is_finite())
+    };
+    let ct_lo = finite_ct().fold(f64::INFINITY, f64::min);
+    let ct_hi = finite_ct().fold(f64::NEG_INFINITY, f64::max);
     // Radius so that area is linear in CLIP-T between the smallest and largest bubble.
     let radius = |v: f64| -> i32 {
         let (rmin, rmax) = (8.0f64, 40.0f64);
@@ -234,12 +338,121 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
             .sqrt()
             .round() as i32
     };
-    let mut methods: Vec<String> = Vec::new();
+    // Legend: the families present, then each unknown method with a colour of its own.
+    let mut legend: Vec<LegendEntry> = Family::ALL
+        .iter()
+        .filter(|f| rows.iter().any(|r| Family::of_name(&r.method) == Some(**f)))
+        .map(|f| LegendEntry {
+            name: f.name().to_string(),
+            color: f.color(),
+        })
+        .collect();
+    let mut others: Vec<String> = Vec::new();
     for r in rows {
-        if !methods.contains(&r.method) {
-            methods.push(r.method.clone());
+        if Family::of_name(&r.method).is_none() && !others.contains(&r.method) {
+            others.push(r.method.clone());
         }
     }
+    let other_color = |m: &str| {
+        let k = others.iter().position(|o| o == m).unwrap_or(0);
+        color(Family::ALL.len() + k)
+    };
+    legend.extend(others.iter().map(|m| LegendEntry {
+        name: m.clone(),
+        color: other_color(m),
+    }));
+    let bubbles: Vec<Bubble> = rows
+        .iter()
+        .filter(|r| r.metrics.dino.mean.is_finite() && r.metrics.clip_i.mean.is_finite())
+        .map(|r| {
+            let family = Family::of_name(&r.method);
+            Bubble {
+                method: r.method.clone(),
+                schedule: r.schedule.clone(),
+                label: if r.schedule == NO_SCHEDULE {
+                    r.method.clone()
+                } else {
+                    format!("{} {}", r.method, r.schedule)
+                },
+                x: r.metrics.dino.mean,
+                y: r.metrics.clip_i.mean,
+                radius: radius(r.metrics.clip_t.mean),
+                family,
+                color: family.map_or_else(|| other_color(&r.method), Family::color),
+            }
+        })
+        .collect();
+    let mut arrows = Vec::new();
+    for (to, b) in bubbles.iter().enumerate() {
+        let Some(plus) = known_method(&b.method).filter(|m| m.uses_attractor()) else {
+            continue;
+        };
+        let base = plus.base().name();
+        for (from, a) in bubbles.iter().enumerate() {
+            if a.method == base {
+                arrows.push(Arrow { from, to });
+            }
+        }
+    }
+    BubbleLayout {
+        bubbles,
+        arrows,
+        legend,
+        x_range,
+        y_range,
+        clip_t_range: (ct_hi >= ct_lo).then_some((ct_lo, ct_hi)),
+    }
+}
+
+/// An arrow in pixels: the shaft's two ends and the head's three corners (tip first).
+pub type ArrowPixels = ([(i32, i32); 2], [(i32, i32); 3]);
+
+/// An arrow between two bubbles in pixels: the shaft (from the rim of the `from` bubble to
+/// the head's base) and the head (a triangle whose tip touches the rim of the `to` bubble).
+/// Bubbles that overlap get a centre-to-centre arrow; `None` when the centres coincide.
+pub fn arrow_geometry(
+    from: (i32, i32),
+    r_from: i32,
+    to: (i32, i32),
+    r_to: i32,
+) -> Option<ArrowPixels> {
+    const HEAD_LEN: f64 = 14.0;
+    const HEAD_HALF_WIDTH: f64 = 6.0;
+    let (fx, fy) = (from.0 as f64, from.1 as f64);
+    let (dx, dy) = (to.0 as f64 - fx, to.1 as f64 - fy);
+    let d = dx.hypot(dy);
+    if d < 1.0 {
+        return None;
+    }
+    let (ux, uy) = (dx / d, dy / d);
+    let (r0, r1) = (r_from.max(0) as f64 + 2.0, r_to.max(0) as f64 + 2.0);
+    // Room for a visible shaft and the head between the rims, else centre to centre.
+    let (s, e) = if d > r0 + r1 + HEAD_LEN + 6.0 {
+        (r0, d - r1)
+    } else {
+        (0.0, d)
+    };
+    let at = |t: f64| (fx + ux * t, fy + uy * t);
+    let px = |(x, y): (f64, f64)| (x.round() as i32, y.round() as i32);
+    let tip = at(e);
+    let head_base = at((e - HEAD_LEN).max(s));
+    let (nx, ny) = (-uy * HEAD_HALF_WIDTH, ux * HEAD_HALF_WIDTH);
+    let shaft = [px(at(s)), px(head_base)];
+    let head = [
+        px(tip),
+        px((head_base.0 + nx, head_base.1 + ny)),
+        px((head_base.0 - nx, head_base.1 - ny)),
+    ];
+    Some((shaft, head))
+}
+
+/// The method bubble chart (PNG): x DINO, y CLIP-I, bubble area growing with CLIP-T, one
+/// colour per method family, each bubble labelled `method schedule`, arrows from each base
+/// method to its + variant (see [`bubble_layout`]), a legend naming the families.
+pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
+    let layout = bubble_layout(table);
+    let (x0, x1) = layout.x_range;
+    let (y0, y1) = layout.y_range;
     render(960, 800, |root| {
         let title = format!(
             "Methods ({}): x DINO, y CLIP-I, bubble area CLIP-T",
@@ -264,40 +477,49 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
             .axis_desc_style((FONT, 18))
             .draw()
             .map_err(err)?;
-        for (k, r) in rows.iter().enumerate() {
-            let (x, y) = (r.metrics.dino.mean, r.metrics.clip_i.mean);
-            if !(x.is_finite() && y.is_finite()) {
+        // Bubbles, then the arrows over them, then the labels over everything.
+        for b in &layout.bubbles {
+            let bubble = EmptyElement::at((b.x, b.y))
+                + Circle::new((0, 0), b.radius, b.color.mix(0.45).filled())
+                + Circle::new((0, 0), b.radius, b.color.stroke_width(2));
+            chart.draw_series(std::iter::once(bubble)).map_err(err)?;
+        }
+        for a in &layout.arrows {
+            let (f, t) = (&layout.bubbles[a.from], &layout.bubbles[a.to]);
+            let Some((shaft, head)) = arrow_geometry(
+                chart.backend_coord(&(f.x, f.y)),
+                f.radius,
+                chart.backend_coord(&(t.x, t.y)),
+                t.radius,
+            ) else {
                 continue;
-            }
-            let ci = methods.iter().position(|m| *m == r.method).unwrap_or(0);
-            let c = color(ci);
-            let rad = radius(ct[k]);
-            let label = if r.schedule == NO_SCHEDULE {
-                r.method.clone()
-            } else {
-                format!("{} {}", r.method, r.schedule)
             };
-            let bubble = EmptyElement::at((x, y))
-                + Circle::new((0, 0), rad, c.mix(0.45).filled())
-                + Circle::new((0, 0), rad, c.stroke_width(2))
+            root.draw(&PathElement::new(shaft.to_vec(), t.color.stroke_width(3)))
+                .map_err(err)?;
+            root.draw(&Polygon::new(head.to_vec(), t.color.filled()))
+                .map_err(err)?;
+        }
+        for b in &layout.bubbles {
+            let label = EmptyElement::at((b.x, b.y))
                 + Text::new(
-                    label,
-                    (rad + 4, 0),
+                    b.label.clone(),
+                    (b.radius + 4, 0),
                     (FONT, 15)
                         .into_font()
                         .color(&BLACK)
                         .pos(Pos::new(HPos::Left, VPos::Center)),
                 );
-            chart.draw_series(std::iter::once(bubble)).map_err(err)?;
+            chart.draw_series(std::iter::once(label)).map_err(err)?;
         }
-        let note = if ct_hi >= ct_lo {
-            format!(
-                "bubble area: CLIP-T from {ct_lo:.4} (smallest) to {ct_hi:.4} (largest); colours: {}",
-                methods.join(", ")
-            )
-        } else {
-            "no CLIP-T values".to_string()
+        let mut note = match layout.clip_t_range {
+            Some((lo, hi)) => format!(
+                "bubble area: CLIP-T from {lo:.4} (smallest) to {hi:.4} (largest); colour: method family"
+            ),
+            None => "no CLIP-T values; colour: method family".to_string(),
         };
+        if !layout.arrows.is_empty() {
+            note.push_str("; arrow: base method -> its + variant");
+        }
         legend
             .draw(&Text::new(
                 note,
@@ -306,13 +528,13 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
             ))
             .map_err(err)?;
         let mut x = 20;
-        for (i, m) in methods.iter().enumerate() {
+        for e in &layout.legend {
             legend
-                .draw(&Circle::new((x + 8, 48), 8, color(i).filled()))
+                .draw(&Circle::new((x + 8, 48), 8, e.color.filled()))
                 .map_err(err)?;
             legend
                 .draw(&Text::new(
-                    m.clone(),
+                    e.name.clone(),
                     (x + 22, 48),
                     (FONT, 16)
                         .into_font()
@@ -320,7 +542,27 @@ pub fn method_bubbles(table: &Table) -> Result<Vec<u8>> {
                         .pos(Pos::new(HPos::Left, VPos::Center)),
                 ))
                 .map_err(err)?;
-            x += 40 + 10 * m.len() as i32;
+            x += 40 + 9 * e.name.len() as i32;
+        }
+        if !layout.arrows.is_empty() {
+            if let Some((shaft, head)) = arrow_geometry((x, 48), 0, (x + 36, 48), 0) {
+                legend
+                    .draw(&PathElement::new(shaft.to_vec(), BLACK.stroke_width(3)))
+                    .map_err(err)?;
+                legend
+                    .draw(&Polygon::new(head.to_vec(), BLACK.filled()))
+                    .map_err(err)?;
+            }
+            legend
+                .draw(&Text::new(
+                    "with the attractor (+)",
+                    (x + 44, 48),
+                    (FONT, 16)
+                        .into_font()
+                        .color(&BLACK)
+                        .pos(Pos::new(HPos::Left, VPos::Center)),
+                ))
+                .map_err(err)?;
         }
         Ok(())
     })
@@ -472,6 +714,196 @@ mod tests {
         let c = color(1);
         // Only the legend would have it; no classic line is drawn, so no legend entry either.
         assert_eq!(img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count(), 0);
+    }
+
+    /// Every method has its family: TI, NeTI, DreamBooth (with its LoRA forms), Custom
+    /// Diffusion; a + variant shares its base method's family and colour.
+    #[test]
+    fn families_of_every_method() {
+        use Family::*;
+        for (name, family) in [
+            ("ti", TextualInversion),
+            ("ti+", TextualInversion),
+            ("neti", Neti),
+            ("neti+", Neti),
+            ("dreambooth", DreamBooth),
+            ("dreambooth-lora", DreamBooth),
+            ("dreambooth-lora+", DreamBooth),
+            ("custom-diffusion", CustomDiffusion),
+        ] {
+            assert_eq!(Family::of_name(name), Some(family), "{name}");
+        }
+        for m in Method::ALL {
+            assert_eq!(Family::of(m), Family::of(m.base()), "{m}");
+            if let Some(p) = m.plus() {
+                assert_eq!(Family::of(p), Family::of(m), "{m}");
+            }
+        }
+        assert_eq!(Family::of_name("zzz"), None);
+        assert_eq!(Family::of_name("TI"), None);
+        // Four distinct colours, four names.
+        let colors: Vec<RGBColor> = Family::ALL.iter().map(|f| f.color()).collect();
+        for (i, a) in colors.iter().enumerate() {
+            assert!(colors[i + 1..].iter().all(|b| b != a), "{colors:?}");
+        }
+        assert_eq!(
+            Family::ALL.map(Family::name),
+            [
+                "Textual Inversion",
+                "NeTI",
+                "DreamBooth",
+                "Custom Diffusion"
+            ]
+        );
+    }
+
+    /// Arrows go from a base method's bubble to each bubble of its + variant, only when both
+    /// are in the table; colours follow the family; the legend names the families present.
+    #[test]
+    fn arrows_only_for_present_pairs() {
+        let table = Table {
+            split: Split::Test,
+            rows: vec![
+                row("ti", NO_SCHEDULE, 0.0),
+                row("dreambooth", NO_SCHEDULE, 0.01),
+                row("dreambooth-lora", NO_SCHEDULE, 0.02),
+                row("custom-diffusion", NO_SCHEDULE, 0.03),
+                row("ti+", "zero", 0.04),
+                row("ti+", "cosine", 0.05),
+                // neti+ without neti: no arrow.
+                row("neti+", "cosine", 0.06),
+                row("zzz", NO_SCHEDULE, 0.07),
+            ],
+        };
+        let l = bubble_layout(&table);
+        let name = |i: usize| l.bubbles[i].label.clone();
+        let arrows: Vec<(String, String)> = l
+            .arrows
+            .iter()
+            .map(|a| (name(a.from), name(a.to)))
+            .collect();
+        assert_eq!(
+            arrows,
+            [
+                ("ti".to_string(), "ti+ zero".to_string()),
+                ("ti".to_string(), "ti+ cosine".to_string())
+            ]
+        );
+        let by = |label: &str| l.bubbles.iter().find(|b| b.label == label).unwrap();
+        assert_eq!(by("ti").color, by("ti+ cosine").color);
+        assert_eq!(by("dreambooth").color, by("dreambooth-lora").color);
+        assert_ne!(by("dreambooth").color, by("custom-diffusion").color);
+        assert_ne!(by("ti").color, by("neti+ cosine").color);
+        assert_eq!(by("ti").color, Family::TextualInversion.color());
+        assert_eq!(by("zzz").family, None);
+        assert!(Family::ALL.iter().all(|f| f.color() != by("zzz").color));
+        assert_eq!(
+            l.legend.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            [
+                "Textual Inversion",
+                "NeTI",
+                "DreamBooth",
+                "Custom Diffusion",
+                "zzz"
+            ]
+        );
+        // Adding the missing bases draws their arrows: neti -> neti+, dreambooth-lora ->
+        // dreambooth-lora+ (dreambooth and custom-diffusion have no + variant).
+        let mut all = table.clone();
+        all.rows.push(row("neti", NO_SCHEDULE, 0.08));
+        all.rows.push(row("dreambooth-lora+", "cosine", 0.09));
+        let l = bubble_layout(&all);
+        let name = |i: usize| l.bubbles[i].label.clone();
+        let mut arrows: Vec<(String, String)> = l
+            .arrows
+            .iter()
+            .map(|a| (name(a.from), name(a.to)))
+            .collect();
+        arrows.sort();
+        assert_eq!(
+            arrows,
+            [
+                ("dreambooth-lora", "dreambooth-lora+ cosine"),
+                ("neti", "neti+ cosine"),
+                ("ti", "ti+ cosine"),
+                ("ti", "ti+ zero"),
+            ]
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+        );
+        // A base without its + variant, or a table of base methods only: no arrows.
+        let bases = Table {
+            split: Split::Train,
+            rows: vec![
+                row("ti", NO_SCHEDULE, 0.0),
+                row("dreambooth-lora", NO_SCHEDULE, 0.1),
+            ],
+        };
+        assert!(bubble_layout(&bases).arrows.is_empty());
+        // Rows without finite coordinates get no bubble and no arrow.
+        let mut nan = table.clone();
+        nan.rows[0].metrics.dino.mean = f64::NAN;
+        let l = bubble_layout(&nan);
+        assert_eq!(l.bubbles.len(), table.rows.len() - 1);
+        assert!(l.arrows.is_empty());
+    }
+
+    /// The arrow runs from rim to rim along the line between the centres, its head's tip on the
+    /// target's rim; overlapping bubbles get a centre-to-centre arrow; coinciding ones none.
+    #[test]
+    fn arrow_geometry_rim_to_rim() {
+        let (shaft, head) = arrow_geometry((100, 100), 10, (200, 100), 20).unwrap();
+        assert_eq!(shaft[0], (112, 100));
+        assert_eq!(head[0], (178, 100));
+        assert_eq!(shaft[1], (164, 100));
+        assert_eq!(head[1], (164, 106));
+        assert_eq!(head[2], (164, 94));
+        let (shaft, head) = arrow_geometry((100, 100), 30, (100, 140), 30).unwrap();
+        assert_eq!(shaft[0], (100, 100));
+        assert_eq!(head[0], (100, 140));
+        assert!(arrow_geometry((5, 5), 10, (5, 5), 10).is_none());
+    }
+
+    /// The chart with all eight methods renders: each family's colour and the arrows' pixels.
+    #[test]
+    fn bubbles_of_all_eight_methods_render() {
+        let rows: Vec<Row> = Method::ALL
+            .iter()
+            .enumerate()
+            .map(|(k, m)| {
+                let s = if m.uses_attractor() {
+                    "cosine"
+                } else {
+                    NO_SCHEDULE
+                };
+                row(m.name(), s, k as f64 * 0.02)
+            })
+            .collect();
+        let table = Table {
+            split: Split::Test,
+            rows,
+        };
+        assert_eq!(bubble_layout(&table).arrows.len(), 3);
+        let img = image::load_from_memory(&method_bubbles(&table).unwrap())
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(img.dimensions(), (960, 800));
+        for f in Family::ALL {
+            let c = f.color();
+            let n = img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count();
+            assert!(n > 150, "{f:?}: {n} pixels of {c:?}");
+        }
+        // Without the + variants: no arrows, and the chart still renders.
+        let bases = Table {
+            split: Split::Test,
+            rows: table
+                .rows
+                .iter()
+                .filter(|r| r.schedule == NO_SCHEDULE)
+                .cloned()
+                .collect(),
+        };
+        assert!(bubble_layout(&bases).arrows.is_empty());
+        method_bubbles(&bases).unwrap();
     }
 
     /// The plots render to PNGs of the expected size with text and colour on them.

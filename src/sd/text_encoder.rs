@@ -243,6 +243,22 @@ impl TextEncoder {
         self.token_embedding.device()
     }
 
+    /// The four projections of every self-attention layer with their transformers module paths
+    /// (`text_model.encoder.layers.0.self_attn.q_proj`, ...): what LoRA adapts in the text
+    /// encoder.
+    pub fn attention_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("text_model.encoder.layers.{i}.self_attn");
+            let a = &mut l.attn;
+            out.push((format!("{p}.q_proj"), &mut a.q));
+            out.push((format!("{p}.k_proj"), &mut a.k));
+            out.push((format!("{p}.v_proj"), &mut a.v));
+            out.push((format!("{p}.out_proj"), &mut a.out));
+        }
+        out
+    }
+
     /// Token embeddings `[B, L, D]` for ids `[B, L]` (u32). Ids `>= vocab_size` index `extra`:
     /// `[n, D]` rows shared by the batch, or `[B, n, D]` rows per sample (NeTI's per-layer word
     /// vectors). Only `extra` receives gradients; the frozen table is read, never changed.

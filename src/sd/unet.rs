@@ -8,10 +8,12 @@
 //! `transformers/transformer_2d.py` + `attention.py`: Transformer2DModel, BasicTransformerBlock,
 //! GEGLU). Shapes come from `unet/config.json`, so the tiny fixture and SD 1.5 load alike.
 
+use crate::nn::checkpoint::{checkpoint, ParamGrads};
 use crate::nn::{self, Conv2d, GroupNorm, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
+use std::sync::Arc;
 
 /// `unet/config.json` (the fields this model reads).
 #[derive(Debug, Clone, Deserialize)]
@@ -239,6 +241,18 @@ impl ResnetBlock {
         })
     }
 
+    fn params(&self) -> Vec<Tensor> {
+        let mut v = self.norm1.params();
+        v.extend(self.conv1.params());
+        v.extend(self.time_emb_proj.params());
+        v.extend(self.norm2.params());
+        v.extend(self.conv2.params());
+        if let Some(c) = &self.shortcut {
+            v.extend(c.params());
+        }
+        v
+    }
+
     fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         // 1. norm -> silu -> conv
         let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
@@ -263,6 +277,10 @@ struct Attn {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    /// Custom Diffusion: the first context token's (BOS's) keys and values carry no gradient
+    /// (`CustomDiffusionAttnProcessor`: `key = m * key + (1 - m) * key.detach()`, m = 0 at
+    /// position 0). Values are unchanged.
+    detach_bos: bool,
 }
 
 impl Attn {
@@ -273,6 +291,7 @@ impl Attn {
             to_v: Linear::new(vb.pp("to_v"), ctx_dim, dim, false)?,
             to_out: Linear::new(vb.pp("to_out.0"), dim, dim, true)?,
             heads,
+            detach_bos: false,
         })
     }
 
@@ -285,8 +304,16 @@ impl Attn {
         residual: &Tensor,
     ) -> Result<Tensor> {
         let q = self.to_q.forward(x)?;
-        let k = self.to_k.forward(k_ctx)?;
-        let v = self.to_v.forward(v_ctx)?;
+        let mut k = self.to_k.forward(k_ctx)?;
+        let mut v = self.to_v.forward(v_ctx)?;
+        if self.detach_bos {
+            let keep_first = |t: &Tensor| -> Result<Tensor> {
+                let n = t.dim(1)?;
+                Tensor::cat(&[&t.narrow(1, 0, 1)?.detach(), &t.narrow(1, 1, n - 1)?], 1)
+            };
+            k = keep_first(&k)?;
+            v = keep_first(&v)?;
+        }
         self.to_out.forward_residual(
             &nn::attention_merged(&q, &k, &v, self.heads, None)?,
             residual,
@@ -357,6 +384,24 @@ impl SpatialTransformer {
         })
     }
 
+    fn params(&self) -> Vec<Tensor> {
+        let mut v = self.norm.params();
+        v.extend(self.proj_in.params());
+        let b = &self.block;
+        for n in [&b.norm1, &b.norm2, &b.norm3] {
+            v.extend(n.params());
+        }
+        for a in [&b.attn1, &b.attn2] {
+            for l in [&a.to_q, &a.to_k, &a.to_v, &a.to_out] {
+                v.extend(l.params());
+            }
+        }
+        v.extend(b.ff_proj.params());
+        v.extend(b.ff_out.params());
+        v.extend(self.proj_out.params());
+        v
+    }
+
     fn forward(&self, x: &Tensor, k_ctx: &Tensor, v_ctx: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let y = self.proj_in.forward(&self.norm.forward(x)?)?;
@@ -388,6 +433,9 @@ pub struct UNet {
     norm_out: GroupNorm,
     conv_out: Conv2d,
     pub config: UNetConfig,
+    /// Gradient checkpointing: each ResNet block and transformer recomputes its forward in the
+    /// backward pass; the parameters' gradients collect here (see `nn::checkpoint`).
+    pub checkpointing: Option<ParamGrads>,
 }
 
 impl UNet {
@@ -519,7 +567,52 @@ impl UNet {
             norm_out,
             conv_out,
             config: cfg.clone(),
+            checkpointing: None,
         })
+    }
+
+    /// Every spatial transformer with its diffusers module path, in forward order.
+    fn transformers_mut(&mut self) -> Vec<(String, &mut SpatialTransformer)> {
+        let mut out = Vec::new();
+        for (i, b) in self.down.iter_mut().enumerate() {
+            for (j, a) in b.attentions.iter_mut().enumerate() {
+                out.push((format!("down_blocks.{i}.attentions.{j}"), a));
+            }
+        }
+        out.push(("mid_block.attentions.0".to_string(), &mut self.mid_attn));
+        for (i, b) in self.up.iter_mut().enumerate() {
+            for (j, a) in b.attentions.iter_mut().enumerate() {
+                out.push((format!("up_blocks.{i}.attentions.{j}"), a));
+            }
+        }
+        out
+    }
+
+    /// The four projections (`to_q`, `to_k`, `to_v`, `to_out.0`) of every self-attention
+    /// (`attn1`) and cross-attention (`attn2`) layer, with their diffusers module paths (e.g.
+    /// `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`), in forward order: what
+    /// LoRA adapts and Custom Diffusion trains (`attn2`'s `to_k`, `to_v`).
+    pub fn attention_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (path, t) in self.transformers_mut() {
+            let b = &mut t.block;
+            for (name, a) in [("attn1", &mut b.attn1), ("attn2", &mut b.attn2)] {
+                let p = format!("{path}.transformer_blocks.0.{name}");
+                out.push((format!("{p}.to_q"), &mut a.to_q));
+                out.push((format!("{p}.to_k"), &mut a.to_k));
+                out.push((format!("{p}.to_v"), &mut a.to_v));
+                out.push((format!("{p}.to_out.0"), &mut a.to_out));
+            }
+        }
+        out
+    }
+
+    /// Custom Diffusion's training rule: the cross-attention layers' BOS keys and values get
+    /// no gradient (see `Attn::detach_bos`); outputs are unchanged.
+    pub fn set_detach_bos_kv(&mut self, on: bool) {
+        for (_, t) in self.transformers_mut() {
+            t.block.attn2.detach_bos = on;
+        }
     }
 
     /// The dtype of the weights (and of the activations through them).
@@ -550,6 +643,46 @@ impl UNet {
         }
     }
 
+    /// A ResNet block, checkpointed when [`UNet::checkpointing`] is on.
+    fn resnet(&self, r: &ResnetBlock, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        match &self.checkpointing {
+            None => r.forward(x, temb),
+            Some(sink) => {
+                let block = r.clone();
+                checkpoint(
+                    "resnet-checkpointed",
+                    &[x, temb],
+                    r.params(),
+                    sink,
+                    Arc::new(move |a| block.forward(&a[0], &a[1])),
+                )
+            }
+        }
+    }
+
+    /// A spatial transformer, checkpointed when [`UNet::checkpointing`] is on.
+    fn transformer(
+        &self,
+        t: &SpatialTransformer,
+        x: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        match &self.checkpointing {
+            None => t.forward(x, k, v),
+            Some(sink) => {
+                let block = t.clone();
+                checkpoint(
+                    "transformer-checkpointed",
+                    &[x, k, v],
+                    t.params(),
+                    sink,
+                    Arc::new(move |a| block.forward(&a[0], &a[1], &a[2])),
+                )
+            }
+        }
+    }
+
     /// Predict the noise for latents `[B, 4, h, w]` at per-sample timesteps `t` `[B]` (any numeric
     /// dtype), conditioned as `cond` says.
     pub fn forward(&self, sample: &Tensor, t: &Tensor, cond: &Conditioning) -> Result<Tensor> {
@@ -572,11 +705,11 @@ impl UNet {
         // 3. down
         for b in &self.down {
             for (j, r) in b.resnets.iter().enumerate() {
-                x = r.forward(&x, &temb)?;
+                x = self.resnet(r, &x, &temb)?;
                 if let Some(a) = b.attentions.get(j) {
                     let (k, v) = cond.get(layer)?;
                     layer += 1;
-                    x = a.forward(&x, k, v)?;
+                    x = self.transformer(a, &x, k, v)?;
                 }
                 skips.push(x.clone());
             }
@@ -586,11 +719,11 @@ impl UNet {
             }
         }
         // 4. mid
-        x = self.mid_resnets[0].forward(&x, &temb)?;
+        x = self.resnet(&self.mid_resnets[0], &x, &temb)?;
         let (k, v) = cond.get(layer)?;
         layer += 1;
-        x = self.mid_attn.forward(&x, k, v)?;
-        x = self.mid_resnets[1].forward(&x, &temb)?;
+        x = self.transformer(&self.mid_attn, &x, k, v)?;
+        x = self.resnet(&self.mid_resnets[1], &x, &temb)?;
         // 5. up
         for b in &self.up {
             for (j, r) in b.resnets.iter().enumerate() {
@@ -598,11 +731,11 @@ impl UNet {
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("unet: skip stack underflow".into()))?;
                 x = Tensor::cat(&[&x, &s], 1)?;
-                x = r.forward(&x, &temb)?;
+                x = self.resnet(r, &x, &temb)?;
                 if let Some(a) = b.attentions.get(j) {
                     let (k, v) = cond.get(layer)?;
                     layer += 1;
-                    x = a.forward(&x, k, v)?;
+                    x = self.transformer(a, &x, k, v)?;
                 }
             }
             if let Some(u) = &b.sampler {
