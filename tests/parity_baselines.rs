@@ -16,7 +16,7 @@
 mod common;
 use attractor::hub::resolve_sd;
 use attractor::personalize::optim::{AdamW, AdamWConfig};
-use attractor::personalize::settings::TrainSettings;
+use attractor::personalize::settings::{BaselineSettings, TrainSettings};
 use attractor::personalize::trainer::clip_grad_norm;
 use attractor::personalize::{mse, weights, Method};
 use attractor::pipeline::StableDiffusion;
@@ -45,16 +45,22 @@ fn open_tiny_sd() -> StableDiffusion {
     StableDiffusion::open(&files, &dev(), DType::F32).unwrap()
 }
 
-/// The model prepared for `method` (its trainable weights made `Var`s).
-fn prepared(method: Method, train_text_encoder: bool) -> StableDiffusion {
+/// The model prepared for `method` (its trainable weights made `Var`s), with the baseline
+/// settings `set` changes.
+fn prepared_with(method: Method, set: impl FnOnce(&mut BaselineSettings)) -> StableDiffusion {
     let mut sd = open_tiny_sd();
     let mut s = TrainSettings {
         method,
         ..TrainSettings::default()
     };
-    s.baseline.train_text_encoder = train_text_encoder;
+    set(&mut s.baseline);
     weights::make_trainable(&mut sd, &s.resolve().unwrap()).unwrap();
     sd
+}
+
+/// [`prepared_with`], the text encoder trained or not.
+fn prepared(method: Method, train_text_encoder: bool) -> StableDiffusion {
+    prepared_with(method, |b| b.train_text_encoder = train_text_encoder)
 }
 
 /// `base.latents` noised with `base.noise` at `base.t`, and those timesteps as the UNet takes them.
@@ -373,13 +379,7 @@ fn custom_diffusion_gradients_match_diffusers() {
     // ours without the BOS detach of diffusers' CustomDiffusionAttnProcessor to 1.3e-5 (with
     // it, up to 60 % apart), so this comparison turns the detach off; the detach itself is
     // checked by `custom_diffusion_bos_keys_get_no_gradient`.
-    let mut sd = open_tiny_sd();
-    let mut s = TrainSettings {
-        method: Method::CustomDiffusion,
-        ..TrainSettings::default()
-    };
-    s.baseline.detach_bos = false;
-    weights::make_trainable(&mut sd, &s.resolve().unwrap()).unwrap();
+    let mut sd = prepared_with(Method::CustomDiffusion, |b| b.detach_bos = false);
     let vars = sd.trainable.clone();
     assert_eq!(vars.len(), 32, "to_k and to_v of 16 cross-attention layers");
     let row = Var::from_tensor(&g["cd.row_init"]).unwrap();
@@ -447,13 +447,7 @@ fn reference_custom_diffusion_folder_reproduces_cdref_out() {
 fn custom_diffusion_bos_keys_get_no_gradient() {
     let g = baselines();
     let grads_of = |detach: bool| {
-        let mut sd = open_tiny_sd();
-        let mut s = TrainSettings {
-            method: Method::CustomDiffusion,
-            ..TrainSettings::default()
-        };
-        s.baseline.detach_bos = detach;
-        weights::make_trainable(&mut sd, &s.resolve().unwrap()).unwrap();
+        let mut sd = prepared_with(Method::CustomDiffusion, |b| b.detach_bos = detach);
         let row = g["cd.row_init"].clone();
         let pred = custom_diffusion_output(&mut sd, &g, &row);
         let loss = mse(&pred, &g["base.noise"]).unwrap();
@@ -481,13 +475,7 @@ fn custom_diffusion_bos_keys_get_no_gradient() {
 fn gradient_checkpointing_gives_the_same_gradients() {
     let g = baselines();
     let run = |ckpt: bool| {
-        let mut sd = open_tiny_sd();
-        let mut s = TrainSettings {
-            method: Method::DreamBooth,
-            ..TrainSettings::default()
-        };
-        s.baseline.gradient_checkpointing = ckpt;
-        weights::make_trainable(&mut sd, &s.resolve().unwrap()).unwrap();
+        let sd = prepared_with(Method::DreamBooth, |b| b.gradient_checkpointing = ckpt);
         assert_eq!(sd.unet.checkpointing.is_some(), ckpt);
         let ctx = sd.text.forward(&ids(&g, "db.ids"), None).unwrap();
         let (x, t) = noised(&sd, &g);

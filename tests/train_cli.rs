@@ -575,6 +575,31 @@ fn train_baseline(
         .unwrap()
 }
 
+/// `sample --prompt PROMPT` (2 steps, offline) on `model` into `out`, with `extra` flags.
+fn sample_prompt(
+    model: &Path,
+    prompt: &str,
+    out: &Path,
+    extra: &[&std::ffi::OsStr],
+) -> std::process::Output {
+    bin()
+        .args([
+            "sample",
+            "--prompt",
+            prompt,
+            "--steps",
+            "2",
+            "--offline",
+            "--model",
+        ])
+        .arg(model)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 fn sample_run(run: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut c = bin();
     c.args([
@@ -785,21 +810,12 @@ fn baseline_runs_sample_and_their_files_load_back() {
     {
         let out = t.join(format!("s-lora{i}"));
         let spec = format!("{}", lora.join(f).display());
-        let o = bin()
-            .args([
-                "sample",
-                "--prompt",
-                "a photo of sks dog on a beach",
-                "--steps",
-                "2",
-            ])
-            .args(["--offline", "--model"])
-            .arg(tiny_model())
-            .arg("--out")
-            .arg(&out)
-            .args(["--lora", &spec])
-            .output()
-            .unwrap();
+        let o = sample_prompt(
+            &tiny_model(),
+            "a photo of sks dog on a beach",
+            &out,
+            &["--lora".as_ref(), spec.as_ref()],
+        );
         ok(&o);
         assert!(String::from_utf8_lossy(&o.stderr).contains("strength 1"));
         assert_eq!(
@@ -809,20 +825,7 @@ fn baseline_runs_sample_and_their_files_load_back() {
         );
     }
     let base = t.join("s-base");
-    let o = bin()
-        .args([
-            "sample",
-            "--prompt",
-            "a photo of sks dog on a beach",
-            "--steps",
-            "2",
-        ])
-        .args(["--offline", "--model"])
-        .arg(tiny_model())
-        .arg("--out")
-        .arg(&base)
-        .output()
-        .unwrap();
+    let o = sample_prompt(&tiny_model(), "a photo of sks dog on a beach", &base, &[]);
     ok(&o);
     assert_ne!(
         img(&base),
@@ -880,20 +883,7 @@ fn baseline_runs_sample_and_their_files_load_back() {
     let a = t.join("s-db-run");
     ok(&sample_run(&db, &a, &[]));
     let b = t.join("s-db-model");
-    let o = bin()
-        .args([
-            "sample",
-            "--prompt",
-            "a photo of sks dog on a beach",
-            "--steps",
-            "2",
-        ])
-        .args(["--offline", "--model"])
-        .arg(db.join("model"))
-        .arg("--out")
-        .arg(&b)
-        .output()
-        .unwrap();
+    let o = sample_prompt(&db.join("model"), "a photo of sks dog on a beach", &b, &[]);
     ok(&o);
     assert_eq!(
         img(&a),
@@ -913,22 +903,12 @@ fn baseline_runs_sample_and_their_files_load_back() {
     let a = t.join("s-cd-run");
     ok(&sample_run(&cd, &a, &[]));
     let b = t.join("s-cd-dir");
-    let o = bin()
-        .args([
-            "sample",
-            "--prompt",
-            "a photo of <new1> dog on a beach",
-            "--steps",
-            "2",
-        ])
-        .args(["--offline", "--model"])
-        .arg(tiny_model())
-        .arg("--out")
-        .arg(&b)
-        .arg("--custom-diffusion")
-        .arg(&cd)
-        .output()
-        .unwrap();
+    let o = sample_prompt(
+        &tiny_model(),
+        "a photo of <new1> dog on a beach",
+        &b,
+        &["--custom-diffusion".as_ref(), cd.as_os_str()],
+    );
     ok(&o);
     assert_eq!(
         img(&a),

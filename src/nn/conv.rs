@@ -375,17 +375,21 @@ pub fn conv2d_frozen(
         "conv2d-frozen",
         &[x],
         y,
-        Box::new(move |_, _, g| {
-            let dx = if stride == 1 {
-                conv_s1_input_grad(g, &weight, gm)?
-            } else if g.device().is_cpu() || pad >= k {
-                conv_strided_input_grad(g, &weight, (h, w), stride, pad)?
-            } else {
-                conv_strided_input_grad_dilated(g, &weight, (h, w), stride, pad)?
-            };
-            Ok(vec![Some(dx)])
-        }),
+        Box::new(move |_, _, g| Ok(vec![Some(input_grad(g, &weight, gm, stride)?)])),
     )
+}
+
+/// The input gradient of a convolution of geometry `gm` with `weight` and `stride`, by the
+/// cheapest path for its stride and device.
+fn input_grad(g: &Tensor, weight: &Tensor, gm: Geom, stride: usize) -> Result<Tensor> {
+    let (h, w, k, pad) = (gm.h, gm.w, gm.k, gm.pad);
+    if stride == 1 {
+        conv_s1_input_grad(g, weight, gm)
+    } else if g.device().is_cpu() || pad >= k {
+        conv_strided_input_grad(g, weight, (h, w), stride, pad)
+    } else {
+        conv_strided_input_grad_dilated(g, weight, (h, w), stride, pad)
+    }
 }
 
 /// A convolution whose weight (and bias) train: the forward and the input gradient of
@@ -428,20 +432,10 @@ pub fn conv2d_trainable(
                 k,
                 pad,
             };
-            let dx = if !x.track_op() {
-                None
-            } else if stride == 1 {
-                Some(conv_s1_input_grad(g, &weight, gm)?)
-            } else if g.device().is_cpu() || pad >= k {
-                Some(conv_strided_input_grad(g, &weight, (h, w), stride, pad)?)
+            let dx = if x.track_op() {
+                Some(input_grad(g, &weight, gm, stride)?)
             } else {
-                Some(conv_strided_input_grad_dilated(
-                    g,
-                    &weight,
-                    (h, w),
-                    stride,
-                    pad,
-                )?)
+                None
             };
             // dW[o, c, i, j] = sum_{b, y, x} g[b, o, y, x] x_pad[b, c, s y + i, s x + j]: the
             // input's channels as a batch, the gradient's as the kernels, dilated by the stride.

@@ -707,19 +707,7 @@ fn fused_norm(
     }
     let dims = x.dims().to_vec();
     let (x, w, bias) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
-    let (y, stats) = {
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (bs, bl) = bias.storage_and_layout();
-        norm_act::forward(
-            cpu_f32(&xs, xl, name)?,
-            cpu_f32(&ws, wl, name)?,
-            cpu_f32(&bs, bl, name)?,
-            d,
-            eps,
-            silu,
-        )
-    };
+    let (y, stats) = norm_forward_cpu(name, &x, (&w, &bias), d, eps, silu)?;
     let y = attach(
         name,
         &[&x],
@@ -732,6 +720,29 @@ fn fused_norm(
         }),
     )?;
     Ok(Some(y))
+}
+
+/// [`norm_act`]'s forward on contiguous f32 CPU tensors: the output values and the per-group
+/// statistics.
+fn norm_forward_cpu(
+    name: &'static str,
+    x: &Tensor,
+    (w, b): (&Tensor, &Tensor),
+    d: norm_act::Dims,
+    eps: f64,
+    silu: bool,
+) -> Result<(Vec<f32>, norm_act::Stats)> {
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (bs, bl) = b.storage_and_layout();
+    Ok(norm_act::forward(
+        cpu_f32(&xs, xl, name)?,
+        cpu_f32(&ws, wl, name)?,
+        cpu_f32(&bs, bl, name)?,
+        d,
+        eps,
+        silu,
+    ))
 }
 
 /// [`fused_norm`] with trainable affine parameters (f32 on the CPU): one node on `x`, the
@@ -752,19 +763,7 @@ fn fused_norm_trainable(
     let dims = x.dims().to_vec();
     let xc = x.contiguous()?;
     let (w, b) = (weight.detach().contiguous()?, bias.detach().contiguous()?);
-    let (y, stats) = {
-        let (xs, xl) = xc.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (bs, bl) = b.storage_and_layout();
-        norm_act::forward(
-            cpu_f32(&xs, xl, name)?,
-            cpu_f32(&ws, wl, name)?,
-            cpu_f32(&bs, bl, name)?,
-            d,
-            eps,
-            silu,
-        )
-    };
+    let (y, stats) = norm_forward_cpu(name, &xc, (&w, &b), d, eps, silu)?;
     let y = attach(
         name,
         &[&xc, weight, bias],

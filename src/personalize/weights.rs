@@ -144,6 +144,18 @@ struct AsVars {
     made: Arc<Mutex<Vec<(String, Var)>>>,
 }
 
+impl AsVars {
+    /// `t` as an f32 `Var`, recorded under `name`.
+    fn record(&self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        let v = Var::from_tensor(&t)?;
+        self.made
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("variable list lock poisoned".into()))?
+            .push((name.to_string(), v.clone()));
+        Ok(v.as_tensor().clone())
+    }
+}
+
 impl candle_nn::var_builder::SimpleBackend for AsVars {
     fn get(
         &self,
@@ -153,13 +165,10 @@ impl candle_nn::var_builder::SimpleBackend for AsVars {
         _dtype: DType,
         _dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.inner.get_with_hints_dtype(s, name, h, DType::F32)?;
-        let v = Var::from_tensor(&t)?;
-        self.made
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("variable list lock poisoned".into()))?
-            .push((name.to_string(), v.clone()));
-        Ok(v.as_tensor().clone())
+        self.record(
+            name,
+            self.inner.get_with_hints_dtype(s, name, h, DType::F32)?,
+        )
     }
 
     fn get_unchecked(
@@ -168,13 +177,7 @@ impl candle_nn::var_builder::SimpleBackend for AsVars {
         _dtype: DType,
         _dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.inner.get_unchecked_dtype(name, DType::F32)?;
-        let v = Var::from_tensor(&t)?;
-        self.made
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("variable list lock poisoned".into()))?
-            .push((name.to_string(), v.clone()));
-        Ok(v.as_tensor().clone())
+        self.record(name, self.inner.get_unchecked_dtype(name, DType::F32)?)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
