@@ -4,9 +4,12 @@ fn main() {
     tune_malloc();
     let cli = attractor::cli::Cli::parse();
     if let Err(e) = attractor::cli::run(cli) {
-        eprintln!("error: {e}");
-        for cause in e.chain().skip(1) {
-            eprintln!("  caused by: {cause}");
+        let lines = attractor::cli::error_lines(&e);
+        if let Some((first, causes)) = lines.split_first() {
+            eprintln!("error: {first}");
+            for cause in causes {
+                eprintln!("  caused by: {cause}");
+            }
         }
         std::process::exit(1);
     }

@@ -150,3 +150,32 @@ fn wrong_shape_names_the_key() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("fc1") && e.contains("65"), "{e}");
 }
+
+/// An error from candle (here the sampler's refusal of `--steps 0`) prints its message alone:
+/// no stack, with or without `RUST_BACKTRACE`.
+#[test]
+fn errors_print_no_backtrace() {
+    let t = tempfile::tempdir().unwrap();
+    for bt in ["1", "0"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_attractor"))
+            .env("RUST_BACKTRACE", bt)
+            .args([
+                "sample",
+                "--prompt",
+                "x",
+                "--steps",
+                "0",
+                "--offline",
+                "--model",
+            ])
+            .arg(fixtures().join("tiny-sd"))
+            .arg("--out")
+            .arg(t.path())
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("0 inference steps"), "{e}");
+        assert!(!e.contains("backtrace") && !e.contains("  0: "), "{e}");
+    }
+}

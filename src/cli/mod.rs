@@ -183,3 +183,27 @@ fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
+
+/// The lines `main` prints for an error: the message and each cause, with the backtraces that
+/// candle attaches to its errors (printed with `RUST_BACKTRACE`, and as "disabled backtrace"
+/// without) left out: a user who mistypes a flag reads what is wrong and the fix, not a stack.
+pub fn error_lines(e: &anyhow::Error) -> Vec<String> {
+    fn candle_text(e: &candle_core::Error) -> String {
+        match e {
+            candle_core::Error::WithBacktrace { inner, .. } => candle_text(inner),
+            candle_core::Error::Context { inner, context } => {
+                format!("{context}: {}", candle_text(inner))
+            }
+            candle_core::Error::WithPath { inner, path } => {
+                format!("{}: {}", path.display(), candle_text(inner))
+            }
+            other => other.to_string(),
+        }
+    }
+    e.chain()
+        .map(|c| match c.downcast_ref::<candle_core::Error>() {
+            Some(ce) => candle_text(ce),
+            None => c.to_string(),
+        })
+        .collect()
+}
