@@ -31,6 +31,12 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The `{"format": "pt"}` metadata that diffusers, A1111 and kohya write into the
+/// safetensors files users share (loaders read it as "PyTorch tensors").
+pub fn pt_format() -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), "pt".to_string())])
+}
+
 /// Save named tensors as safetensors with string metadata, atomically.
 pub fn save_safetensors(
     path: &Path,

@@ -81,6 +81,14 @@ fn noised(sd: &StableDiffusion, g: &HashMap<String, Tensor>) -> (Tensor, Tensor)
     (x, t)
 }
 
+/// The UNet's output for `base.*` conditioned on `db.ids` through `sd`'s text encoder: what the
+/// DreamBooth and LoRA goldens were computed on.
+fn db_output(sd: &StableDiffusion, g: &HashMap<String, Tensor>) -> Tensor {
+    let ctx = sd.text.forward(&ids(g, "db.ids"), None).unwrap();
+    let (x, t) = noised(sd, g);
+    sd.unet.forward(&x, &t, &Conditioning::Shared(ctx)).unwrap()
+}
+
 fn ids(g: &HashMap<String, Tensor>, key: &str) -> Tensor {
     g[key].to_dtype(DType::U32).unwrap()
 }
@@ -177,9 +185,7 @@ fn dreambooth_unet_gradients_and_step_match_diffusers() {
     let sd = prepared(Method::DreamBooth, false);
     let vars = sd.trainable.clone();
     assert!(vars.iter().all(|(n, _)| n.starts_with("unet.")));
-    let ctx = sd.text.forward(&ids(&g, "db.ids"), None).unwrap();
-    let (x, t) = noised(&sd, &g);
-    let pred = sd.unet.forward(&x, &t, &Conditioning::Shared(ctx)).unwrap();
+    let pred = db_output(&sd, &g);
     let w = j["db"]["prior_loss_weight"].as_f64().unwrap();
     let loss = prior_loss(&pred, &g["base.noise"], w);
     assert_close(
@@ -240,9 +246,7 @@ fn dreambooth_text_encoder_gradients_match_diffusers() {
     let g = baselines();
     let sd = prepared(Method::DreamBooth, true);
     let vars = sd.trainable.clone();
-    let ctx = sd.text.forward(&ids(&g, "db.ids"), None).unwrap();
-    let (x, t) = noised(&sd, &g);
-    let pred = sd.unet.forward(&x, &t, &Conditioning::Shared(ctx)).unwrap();
+    let pred = db_output(&sd, &g);
     let loss = prior_loss(&pred, &g["base.noise"], 1.0);
     assert_close(
         "dbte loss = db.loss",
@@ -289,9 +293,7 @@ fn lora_output_and_gradients_match_peft() {
         let key = format!("lora.init.{}", peft_name(n).unwrap());
         v.set(&g[&key]).unwrap_or_else(|e| panic!("{key}: {e}"));
     }
-    let ctx = sd.text.forward(&ids(&g, "db.ids"), None).unwrap();
-    let (x, t) = noised(&sd, &g);
-    let pred = sd.unet.forward(&x, &t, &Conditioning::Shared(ctx)).unwrap();
+    let pred = db_output(&sd, &g);
     assert_close("lora.out", &pred, &g["lora.out"], FWD_RTOL, ATOL);
     let loss = prior_loss(&pred, &g["base.noise"], 1.0);
     assert_close(
@@ -318,12 +320,7 @@ fn reference_lora_file_reproduces_lora_out() {
         let (lora, _) = attractor::adapters::lora::read(path, &known, &dev()).unwrap();
         assert_eq!(lora.modules.len(), 128);
         weights::apply_lora(&mut sd, &lora, 1.0, "test").unwrap();
-        let ctx = sd.text.forward(&ids(&g, "db.ids"), None).unwrap();
-        let (x, t) = noised(&sd, &g);
-        (
-            sd.unet.forward(&x, &t, &Conditioning::Shared(ctx)).unwrap(),
-            lora,
-        )
+        (db_output(&sd, &g), lora)
     };
     let (out, lora) = run(&reference);
     assert_close("ref-lora -> lora.out", &out, &g["lora.out"], FWD_RTOL, ATOL);
@@ -477,9 +474,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     let run = |ckpt: bool| {
         let sd = prepared_with(Method::DreamBooth, |b| b.gradient_checkpointing = ckpt);
         assert_eq!(sd.unet.checkpointing.is_some(), ckpt);
-        let ctx = sd.text.forward(&ids(&g, "db.ids"), None).unwrap();
-        let (x, t) = noised(&sd, &g);
-        let pred = sd.unet.forward(&x, &t, &Conditioning::Shared(ctx)).unwrap();
+        let pred = db_output(&sd, &g);
         let loss = prior_loss(&pred, &g["base.noise"], 1.0);
         let mut grads = loss.backward().unwrap();
         if let Some(sink) = &sd.unet.checkpointing {

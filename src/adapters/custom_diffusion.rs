@@ -8,22 +8,26 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The weights file's name in a Custom Diffusion folder.
 pub const WEIGHTS_FILE: &str = "pytorch_custom_diffusion_weights.safetensors";
 
+/// True for a cross-attention key or value projection's module path (`...attn2.to_k`,
+/// `...attn2.to_v`): the layers Custom Diffusion trains and its file holds.
+pub fn is_kv_module(path: &str) -> bool {
+    path.ends_with("attn2.to_k") || path.ends_with("attn2.to_v")
+}
+
 /// diffusers' key of the custom K or V weight of a cross-attention projection given by its
 /// module path (`down_blocks.0...transformer_blocks.0.attn2.to_k` ->
 /// `down_blocks.0...transformer_blocks.0.attn2.processor.to_k_custom_diffusion.weight`).
 pub fn file_key(module: &str) -> Result<String> {
-    let Some((block, proj)) = module.rsplit_once('.') else {
-        bail!("{module} is not a projection's module path");
+    let (block, proj) = match module.rsplit_once('.') {
+        Some(parts) if is_kv_module(module) => parts,
+        _ => bail!("{module} is not a cross-attention key or value projection"),
     };
-    if !block.ends_with("attn2") || !matches!(proj, "to_k" | "to_v") {
-        bail!("{module} is not a cross-attention key or value projection");
-    }
     Ok(format!("{block}.processor.{proj}_custom_diffusion.weight"))
 }
 
@@ -40,7 +44,7 @@ pub fn save_weights(path: &Path, kv: &BTreeMap<String, Tensor>) -> Result<()> {
         .iter()
         .map(|(m, t)| Ok((file_key(m)?, t.to_dtype(candle_core::DType::F32)?)))
         .collect::<Result<Vec<_>>>()?;
-    crate::files::save_safetensors(path, &tensors, &pt_format())
+    crate::files::save_safetensors(path, &tensors, &crate::files::pt_format())
 }
 
 /// Write the modifier token's row `[1, D]` as `{token: row}`.
@@ -48,12 +52,8 @@ pub fn save_token(path: &Path, token: &str, row: &Tensor) -> Result<()> {
     crate::files::save_safetensors(
         path,
         &[(token.to_string(), row.to_dtype(candle_core::DType::F32)?)],
-        &pt_format(),
+        &crate::files::pt_format(),
     )
-}
-
-fn pt_format() -> HashMap<String, String> {
-    HashMap::from([("format".to_string(), "pt".to_string())])
 }
 
 /// A Custom Diffusion folder: the K/V weights by module path, and the modifier tokens with

@@ -6,7 +6,6 @@
 use crate::hub::SdFiles;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// diffusers' `model_index.json` for SD 1.5 without the safety checker (written when the base
@@ -64,7 +63,7 @@ pub fn save(
     unet: Option<&[(String, Tensor)]>,
     text: Option<&[(String, Tensor)]>,
 ) -> Result<Vec<PathBuf>> {
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let meta = crate::files::pt_format();
     let mut written = Vec::new();
     let part = |name: &str,
                 weights_file: &str,

@@ -188,7 +188,7 @@ pub fn save_diffusers(path: &Path, w: &LoraWeights) -> Result<()> {
         tensors.push((format!("{name}{down_suffix}"), m.down.to_dtype(DType::F32)?));
         tensors.push((format!("{name}{up_suffix}"), up));
     }
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let meta = crate::files::pt_format();
     crate::files::save_safetensors(path, &tensors, &meta)
         .with_context(|| format!("cannot save the LoRA {}", path.display()))
 }
@@ -233,7 +233,7 @@ pub fn save_kohya(path: &Path, w: &LoraWeights) -> Result<()> {
         tensors.push((format!("{k}.lora_up.weight"), m.up.to_dtype(DType::F32)?));
         tensors.push((format!("{k}.alpha"), Tensor::new(alpha, &Device::Cpu)?));
     }
-    let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let mut meta = crate::files::pt_format();
     if let [rank] = ranks.into_iter().collect::<Vec<_>>()[..] {
         meta.insert("ss_network_dim".into(), rank.to_string());
     }

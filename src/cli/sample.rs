@@ -141,19 +141,8 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         )?;
         let names: Vec<String> = cd.tokens.iter().map(|(t, _)| t.clone()).collect();
         let vocab = sd.text.config.vocab_size as u32;
-        let ids = sd
-            .tokenizer
-            .add_tokens(&names)
+        crate::personalize::trainer::add_tokens_after(&mut sd.tokenizer, &names, vocab)
             .with_context(|| format!("--custom-diffusion {}", d.display()))?;
-        for (j, id) in ids.iter().enumerate() {
-            if *id != vocab + j as u32 {
-                anyhow::bail!(
-                    "token {} got id {id}, expected {}",
-                    names[j],
-                    vocab + j as u32
-                );
-            }
-        }
         let rows: Vec<candle_core::Tensor> = cd.tokens.iter().map(|(_, r)| r.clone()).collect();
         extra = Some(candle_core::Tensor::cat(&rows, 0)?.to_dtype(sd.dtype)?);
         eprintln!(

@@ -486,7 +486,7 @@ fn prepare_baseline(
     }
     let b = &s.s.baseline;
     let root = crate::personalize::prior::cache_root();
-    if method.uses_prior() && b.prior_images > 0 {
+    if s.prior_preservation() {
         eprintln!(
             "prior preservation: {} class images of {:?} ({} DDIM steps, guidance {}, {} px) in {}",
             b.prior_images,
@@ -518,7 +518,7 @@ fn prepare_baseline(
     if method.weight_training() == crate::personalize::WeightTraining::FullUnet
         && sd.device.is_cpu()
     {
-        let rows = s.batch * if b.prior_images > 0 { 2 } else { 1 };
+        let rows = s.batch * if s.prior_preservation() { 2 } else { 1 };
         let need = crate::personalize::weights::full_finetune_extra_bytes(
             count,
             rows,

@@ -286,12 +286,11 @@ impl Linear {
     }
 
     fn apply_base(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let x = x.clone();
         if trainable(&self.weight, self.bias.as_ref()) {
             let dt = x.dtype();
             let w = cast_to(&self.weight, dt)?;
             let b = self.bias.as_ref().map(|b| cast_to(b, dt)).transpose()?;
-            let y = linear_trainable(&x, &w, b.as_ref())?;
+            let y = linear_trainable(x, &w, b.as_ref())?;
             return match residual {
                 Some(r) => y + r,
                 None => Ok(y),
@@ -314,13 +313,13 @@ impl Linear {
         match residual {
             None => attach(
                 "linear-frozen",
-                &[&x],
+                &[x],
                 value,
                 Box::new(move |args, _, g| Ok(vec![Some(input_grad(args[0], g)?)])),
             ),
             Some(r) => attach(
                 "linear-frozen-residual",
-                &[&x, r],
+                &[x, r],
                 value,
                 Box::new(move |args, _, g| {
                     Ok(vec![
@@ -355,7 +354,7 @@ fn linear_trainable(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor
             let rows = g.elem_count() / out.max(1);
             let g2 = g.contiguous()?.reshape((rows, out))?;
             let dx = if x.track_op() {
-                Some(g2.matmul(&w)?.reshape(x.dims())?)
+                Some(linear_input_grad(&w, g, x.dims())?)
             } else {
                 None
             };
@@ -913,18 +912,17 @@ fn layer_norm_grad_composed(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64) -> Res
 /// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension (biased variance, as PyTorch).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
+    // Each row is one group of `C` channels of one value each (so the affine gradients' sums
+    // per channel run over the rows).
+    let c = x.dim(D::Minus1)?;
+    let rows = norm_act::Dims {
+        b: x.elem_count() / c.max(1),
+        c,
+        hw: 1,
+        groups: 1,
+    };
     if trainable(w, Some(b)) {
-        // One row per "batch" item and one channel per value: the per-channel sums of the
-        // affine gradients run over the rows.
-        let c = x.dim(D::Minus1)?;
-        let as_channels = norm_act::Dims {
-            b: x.elem_count() / c.max(1),
-            c,
-            hw: 1,
-            groups: 1,
-        };
-        if let Some(y) =
-            fused_norm_trainable("layer-norm-trainable", x, (w, b), as_channels, eps, false)?
+        if let Some(y) = fused_norm_trainable("layer-norm-trainable", x, (w, b), rows, eps, false)?
         {
             return Ok(y);
         }
@@ -938,14 +936,6 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
             .broadcast_mul(&cast_to(w, dtype)?)?
             .broadcast_add(&cast_to(b, dtype)?);
     }
-    // Each row is one group of `C` channels of one value each.
-    let c = x.dim(D::Minus1)?;
-    let rows = norm_act::Dims {
-        b: x.elem_count() / c.max(1),
-        c,
-        hw: 1,
-        groups: 1,
-    };
     if let Some(y) = fused_norm("layer-norm-frozen", x, w, b, rows, eps, false)? {
         return Ok(y);
     }

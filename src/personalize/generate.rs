@@ -99,11 +99,16 @@ impl LearnedSubject {
             }
         }
         let method = info.settings.s.method;
+        // The run's own model: the base model's weights shared, none of them trainable.
+        let base_copy = || {
+            let mut m = sd.clone();
+            m.trainable.clear();
+            m
+        };
         let model = match method.weight_training() {
             WeightTraining::Frozen => None,
             WeightTraining::FullUnet => {
-                let mut m = sd.clone();
-                m.trainable.clear();
+                let mut m = base_copy();
                 let w = run.join(&names[0]);
                 m.unet = crate::sd::unet::UNet::new(
                     crate::pipeline::open_weights(&w, sd.dtype, dev)?,
@@ -121,8 +126,7 @@ impl LearnedSubject {
                 Some(m)
             }
             WeightTraining::Lora => {
-                let mut m = sd.clone();
-                m.trainable.clear();
+                let mut m = base_copy();
                 let p = run.join(&names[0]);
                 let known = weights::lora_targets(&mut m);
                 let (lora, _) = crate::adapters::lora::read(&p, &known, dev)?;
@@ -130,8 +134,7 @@ impl LearnedSubject {
                 Some(m)
             }
             WeightTraining::CrossAttentionKv => {
-                let mut m = sd.clone();
-                m.trainable.clear();
+                let mut m = base_copy();
                 let cd = crate::adapters::custom_diffusion::read_folder(run, suffix, dev)?;
                 weights::apply_custom_diffusion(&mut m, &cd.kv, &run.display().to_string())?;
                 let token = &info.placeholder_tokens[0];
@@ -154,11 +157,7 @@ impl LearnedSubject {
         let learned = if method.uses_neti() {
             let mut mappers = Vec::new();
             for name in &names {
-                let p = run.join(name);
-                if !p.is_file() {
-                    bail!("{} is missing: the run has not finished or was not saved; resume it with `attractor train --resume {}`", p.display(), run.display());
-                }
-                mappers.push(NetiMapper::load(&p, dev)?.0);
+                mappers.push(NetiMapper::load(&run.join(name), dev)?.0);
             }
             Learned::Mappers {
                 mappers,

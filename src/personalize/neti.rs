@@ -410,8 +410,7 @@ impl NetiMapper {
     /// super-category, target norm, sigmas, alpha, layer order, base model id, shape constants).
     pub fn save(&self, path: &Path, info: &MapperInfo) -> anyhow::Result<()> {
         let c = &self.cfg;
-        let mut m = HashMap::new();
-        m.insert("format".into(), "pt".into());
+        let mut m = crate::files::pt_format();
         m.insert("kind".into(), "neti-mapper".into());
         m.insert("placeholder".into(), info.placeholder.clone());
         m.insert("super_category".into(), info.super_category.clone());

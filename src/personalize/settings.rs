@@ -201,6 +201,14 @@ fn half() -> f64 {
     0.5
 }
 
+impl Resolved {
+    /// True when each micro-batch carries class images: a method that does prior preservation,
+    /// with at least one class image.
+    pub fn prior_preservation(&self) -> bool {
+        self.s.method.uses_prior() && self.s.baseline.prior_images > 0
+    }
+}
+
 impl TrainSettings {
     pub fn resolve(&self) -> anyhow::Result<Resolved> {
         let m = self.method;

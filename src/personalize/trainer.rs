@@ -190,7 +190,7 @@ pub fn prepare_model(
         return Ok(Vec::new());
     }
     let b = &s.s.baseline;
-    let class_images = if method.uses_prior() && b.prior_images > 0 {
+    let class_images = if s.prior_preservation() {
         let key = prior::ClassImageKey {
             model: sd.id.clone(),
             prompt: b.class_prompt(&subject.class),
@@ -382,12 +382,6 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// True when each micro-batch carries class images (prior preservation).
-    fn uses_prior(&self) -> bool {
-        let s = &self.info.settings.s;
-        s.method.uses_prior() && s.baseline.prior_images > 0
-    }
-
     /// One micro-batch: the losses (not yet backpropagated).
     fn micro_batch(&mut self, p: f64) -> Result<MicroBatch> {
         let s = self.info.settings.clone();
@@ -395,7 +389,6 @@ impl<'a> Trainer<'a> {
         let method = self.method();
         let sd = self.sd;
         let dev = &sd.device;
-        let scale = sd.vae_config.scaling_factor;
         // 1. the batch: image, flip, timestep, posterior sample, noise
         let mut latents = Vec::with_capacity(b);
         let mut masks = Vec::with_capacity(b);
@@ -411,25 +404,18 @@ impl<'a> Trainer<'a> {
                 masks.push(m);
                 prefixes.push(prefix);
             } else {
-                let ex = &self.examples[k];
-                let (mean, logvar) = &ex.posterior[flip as usize];
-                let z = (mean
-                    + (logvar * 0.5)?
-                        .exp()?
-                        .mul(&self.rng.randn(mean.shape(), dev)?)?)?;
-                latents.push((z * scale)?);
-                if let Some(m) = &ex.mask {
+                let (mean, logvar) = &self.examples[k].posterior[flip as usize];
+                latents.push(sample_latent(sd, &mut self.rng, mean, logvar)?);
+                if let Some(m) = &self.examples[k].mask {
                     masks.push(m[flip as usize].clone());
                 }
             }
             ks.push(k);
             ts.push(self.rng.range(0, sd.schedule.num_train_timesteps()));
         }
-        let x0 = Tensor::cat(&latents, 0)?;
-        let eps = self.rng.randn(x0.shape(), dev)?;
-        let zt = sd.schedule.add_noise(&x0, &eps, &ts)?;
+        let (zt, eps) = self.noised(&latents, &ts)?;
         // 1b. prior preservation: as many class images, each its own timestep and noise
-        let prior = if self.uses_prior() {
+        let prior = if s.prior_preservation() {
             Some(self.class_batch(b, s.flip_p)?)
         } else {
             None
@@ -623,19 +609,13 @@ impl<'a> Trainer<'a> {
         let post = sd
             .vae
             .encode(&x.to_device(dev)?.to_dtype(sd.dtype)?.unsqueeze(0)?)?;
-        let (mean, logvar) = (
-            post.mean.to_dtype(DType::F32)?,
-            post.logvar.to_dtype(DType::F32)?,
-        );
-        let z = (&mean
-            + (logvar * 0.5)?
-                .exp()?
-                .mul(&self.rng.randn(mean.shape(), dev)?)?)?;
-        Ok((
-            (z * sd.vae_config.scaling_factor)?,
-            mask.to_device(dev)?,
-            prefix,
-        ))
+        let z = sample_latent(
+            sd,
+            &mut self.rng,
+            &post.mean.to_dtype(DType::F32)?,
+            &post.logvar.to_dtype(DType::F32)?,
+        )?;
+        Ok((z, mask.to_device(dev)?, prefix))
     }
 
     /// `n` class images for prior preservation: noised latents, their noise and timesteps
@@ -645,7 +625,6 @@ impl<'a> Trainer<'a> {
             bail!("prior preservation needs class images: call Trainer::set_class_images with the paths from trainer::prepare_model (or set prior_images = 0)");
         }
         let sd = self.sd;
-        let dev = &sd.device;
         let mut latents = Vec::with_capacity(n);
         let mut ts = Vec::with_capacity(n);
         for _ in 0..n {
@@ -657,17 +636,19 @@ impl<'a> Trainer<'a> {
             self.class_cursor += 1;
             let flip = (self.rng.uniform_f32() as f64) < flip_p;
             let (mean, logvar) = &self.class_examples[k].posterior[flip as usize];
-            let z = (mean
-                + (logvar * 0.5)?
-                    .exp()?
-                    .mul(&self.rng.randn(mean.shape(), dev)?)?)?;
-            latents.push((z * sd.vae_config.scaling_factor)?);
+            latents.push(sample_latent(sd, &mut self.rng, mean, logvar)?);
             ts.push(self.rng.range(0, sd.schedule.num_train_timesteps()));
         }
-        let x0 = Tensor::cat(&latents, 0)?;
-        let eps = self.rng.randn(x0.shape(), dev)?;
-        let zt = sd.schedule.add_noise(&x0, &eps, &ts)?;
+        let (zt, eps) = self.noised(&latents, &ts)?;
         Ok((zt, eps, ts))
+    }
+
+    /// The latents stacked and noised at `ts` with noise from the run's RNG: `(z_t, noise)`.
+    fn noised(&mut self, latents: &[Tensor], ts: &[usize]) -> Result<(Tensor, Tensor)> {
+        let x0 = Tensor::cat(latents, 0)?;
+        let eps = self.rng.randn(x0.shape(), &self.sd.device)?;
+        let zt = self.sd.schedule.add_noise(&x0, &eps, ts)?;
+        Ok((zt, eps))
     }
 
     /// The next image of the epoch order, reshuffling (Fisher-Yates, our RNG) at each epoch start.
@@ -907,8 +888,7 @@ impl<'a> Trainer<'a> {
     pub fn save_outputs(&self, dir: &Path, suffix: &str) -> Result<Vec<PathBuf>> {
         let names = crate::personalize::generate::learned_file_names(&self.info, suffix);
         let mut written = Vec::new();
-        let mut fmt = HashMap::new();
-        fmt.insert("format".to_string(), "pt".to_string());
+        let fmt = crate::files::pt_format();
         let method = self.method();
         match method.weight_training() {
             crate::personalize::WeightTraining::Frozen => {}
@@ -1048,7 +1028,7 @@ impl<'a> Trainer<'a> {
 /// sampler, and for Custom Diffusion that they stand in for the paper's retrieved real images.
 fn prior_source(s: &Resolved, class: &str) -> Option<String> {
     let b = &s.s.baseline;
-    if !(s.s.method.uses_prior() && b.prior_images > 0) {
+    if !s.prior_preservation() {
         return None;
     }
     let mut text = format!(
@@ -1097,6 +1077,19 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     Ok(norm)
 }
 
+/// A latent drawn from a VAE posterior, `(mean + exp(logvar / 2) n) * scaling_factor`, with
+/// `n` from `rng`.
+fn sample_latent(
+    sd: &StableDiffusion,
+    rng: &mut Rng,
+    mean: &Tensor,
+    logvar: &Tensor,
+) -> Result<Tensor> {
+    let n = rng.randn(mean.shape(), &sd.device)?;
+    let z = (mean + (logvar * 0.5)?.exp()?.mul(&n)?)?;
+    Ok((z * sd.vae_config.scaling_factor)?)
+}
+
 /// `0..n` in a Fisher-Yates order drawn from `rng`.
 fn shuffled(n: usize, rng: &mut Rng) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
@@ -1109,13 +1102,18 @@ fn shuffled(n: usize, rng: &mut Rng) -> Vec<usize> {
 
 /// Add the run's tokens to a tokenizer and check they got the ids the concept expects.
 pub fn add_tokens(tok: &mut ClipTokenizer, info: &RunInfo, sd: &StableDiffusion) -> Result<()> {
-    let ids = tok.add_tokens(&info.all_tokens())?;
-    let vocab = sd.text.config.vocab_size as u32;
+    add_tokens_after(tok, &info.all_tokens(), sd.text.config.vocab_size as u32)
+}
+
+/// Add `tokens` to a tokenizer and check they got the ids `vocab, vocab + 1, ...`, the rows
+/// that follow the text encoder's table.
+pub fn add_tokens_after(tok: &mut ClipTokenizer, tokens: &[String], vocab: u32) -> Result<()> {
+    let ids = tok.add_tokens(tokens)?;
     for (j, id) in ids.iter().enumerate() {
         if *id != vocab + j as u32 {
             bail!(
                 "token {} got id {id}, expected {}: the tokenizer and the text encoder's vocabulary ({vocab}) disagree",
-                info.all_tokens()[j],
+                tokens[j],
                 vocab + j as u32
             );
         }
@@ -1150,17 +1148,7 @@ fn load_examples(
     let mut out = Vec::new();
     for (i, path) in subject.train_images.iter().enumerate() {
         let img = im::load_rgb(path)?;
-        let x = im::to_tensor(&img, res)?
-            .to_device(dev)?
-            .to_dtype(sd.dtype)?
-            .unsqueeze(0)?;
-        let xf = im::hflip(&x)?;
-        let both = Tensor::cat(&[&x, &xf], 0)?;
-        let post = sd.vae.encode(&both)?;
-        let pm = |j: usize| -> Result<(Tensor, Tensor)> {
-            let f32_row = |t: &Tensor| t.narrow(0, j, 1)?.to_dtype(DType::F32);
-            Ok((f32_row(&post.mean)?, f32_row(&post.logvar)?))
-        };
+        let posterior = encode_with_mirror(sd, &img, res)?;
         let mask = match &masks {
             Some(m) => {
                 let mt = im::load_mask_for(&m[i], img.dimensions(), res)?.to_device(dev)?;
@@ -1175,12 +1163,33 @@ fn load_examples(
             image::imageops::resize(&img, res, res, image::imageops::FilterType::CatmullRom)
         });
         out.push(Example {
-            posterior: [pm(0)?, pm(1)?],
+            posterior,
             mask,
             pixels,
         });
     }
     Ok(out)
+}
+
+/// The VAE posteriors (mean, logvar; f32) of `img` resized to `res` and of its mirror, in one
+/// encoder call.
+fn encode_with_mirror(
+    sd: &StableDiffusion,
+    img: &image::RgbImage,
+    res: u32,
+) -> Result<[(Tensor, Tensor); 2]> {
+    use crate::data::image as im;
+    let x = im::to_tensor(img, res)?
+        .to_device(&sd.device)?
+        .to_dtype(sd.dtype)?
+        .unsqueeze(0)?;
+    let both = Tensor::cat(&[&x, &im::hflip(&x)?], 0)?;
+    let post = sd.vae.encode(&both)?;
+    let pm = |j: usize| -> Result<(Tensor, Tensor)> {
+        let f32_row = |t: &Tensor| t.narrow(0, j, 1)?.to_dtype(DType::F32);
+        Ok((f32_row(&post.mean)?, f32_row(&post.logvar)?))
+    };
+    Ok([pm(0)?, pm(1)?])
 }
 
 /// VAE posteriors of images (and their mirrors) without masks: prior preservation's class
@@ -1190,26 +1199,15 @@ fn encode_images(
     paths: &[PathBuf],
     resolution: usize,
 ) -> Result<Vec<Example>> {
-    use crate::data::image as im;
-    let dev = &sd.device;
-    let mut out = Vec::with_capacity(paths.len());
-    for path in paths {
-        let img = im::load_rgb(path)?;
-        let x = im::to_tensor(&img, resolution as u32)?
-            .to_device(dev)?
-            .to_dtype(sd.dtype)?
-            .unsqueeze(0)?;
-        let both = Tensor::cat(&[&x, &im::hflip(&x)?], 0)?;
-        let post = sd.vae.encode(&both)?;
-        let pm = |j: usize| -> Result<(Tensor, Tensor)> {
-            let f32_row = |t: &Tensor| t.narrow(0, j, 1)?.to_dtype(DType::F32);
-            Ok((f32_row(&post.mean)?, f32_row(&post.logvar)?))
-        };
-        out.push(Example {
-            posterior: [pm(0)?, pm(1)?],
-            mask: None,
-            pixels: None,
-        });
-    }
-    Ok(out)
+    paths
+        .iter()
+        .map(|path| {
+            let img = crate::data::image::load_rgb(path)?;
+            Ok(Example {
+                posterior: encode_with_mirror(sd, &img, resolution as u32)?,
+                mask: None,
+                pixels: None,
+            })
+        })
+        .collect()
 }

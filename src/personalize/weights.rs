@@ -77,7 +77,7 @@ pub fn make_trainable(sd: &mut StableDiffusion, s: &Resolved) -> Result<Vec<(Str
         }
         WeightTraining::CrossAttentionKv => {
             for (path, lin) in sd.unet.attention_linears_mut() {
-                if is_cross_kv(&path) {
+                if crate::adapters::custom_diffusion::is_kv_module(&path) {
                     let var = Var::from_tensor(&lin.weight.to_dtype(DType::F32)?.contiguous()?)?;
                     lin.set_weight(var.as_tensor().clone())?;
                     named.push((format!("{UNET}{path}.weight"), var));
@@ -97,11 +97,6 @@ pub fn make_trainable(sd: &mut StableDiffusion, s: &Resolved) -> Result<Vec<(Str
 /// Seed offset of the LoRA initialisation (its own stream: the training RNG's draws stay those
 /// of a run without adapters).
 const LORA_SEED: u64 = 0x4c6f_5241_2d69_6e69;
-
-/// True for a cross-attention key or value projection (`...attn2.to_k`, `...attn2.to_v`).
-pub fn is_cross_kv(path: &str) -> bool {
-    path.ends_with("attn2.to_k") || path.ends_with("attn2.to_v")
-}
 
 /// peft's LoRA on each linear: A `[r, in]` ~ N(0, (1/r)^2), B `[out, r]` = 0; vars named
 /// `<prefix><module>.lora_A.weight` / `.lora_B.weight` (peft's names without `.default`).
@@ -239,17 +234,22 @@ pub fn parameter_count(vars: &[(String, Var)]) -> usize {
 /// Every module path LoRA can adapt in `sd` (`unet.<path>`, `text_encoder.<path>`): the
 /// attention projections, as diffusers' and kohya's SD 1.5 LoRAs target them.
 pub fn lora_targets(sd: &mut StableDiffusion) -> Vec<String> {
-    let mut out: Vec<String> = sd
+    lora_linears(sd).into_iter().map(|(p, _)| p).collect()
+}
+
+/// The layers of [`lora_targets`] with their names.
+fn lora_linears(sd: &mut StableDiffusion) -> Vec<(String, &mut crate::nn::Linear)> {
+    let mut out: Vec<(String, &mut crate::nn::Linear)> = sd
         .unet
         .attention_linears_mut()
         .into_iter()
-        .map(|(p, _)| format!("{UNET}{p}"))
+        .map(|(p, l)| (format!("{UNET}{p}"), l))
         .collect();
     out.extend(
         sd.text
             .attention_linears_mut()
             .into_iter()
-            .map(|(p, _)| format!("{TEXT_ENCODER}{p}")),
+            .map(|(p, l)| (format!("{TEXT_ENCODER}{p}"), l)),
     );
     out
 }
@@ -263,18 +263,8 @@ pub fn apply_lora(
     strength: f64,
     source: &str,
 ) -> Result<()> {
-    let mut linears: std::collections::HashMap<String, &mut crate::nn::Linear> = sd
-        .unet
-        .attention_linears_mut()
-        .into_iter()
-        .map(|(p, l)| (format!("{UNET}{p}"), l))
-        .collect();
-    linears.extend(
-        sd.text
-            .attention_linears_mut()
-            .into_iter()
-            .map(|(p, l)| (format!("{TEXT_ENCODER}{p}"), l)),
-    );
+    let mut linears: std::collections::HashMap<String, &mut crate::nn::Linear> =
+        lora_linears(sd).into_iter().collect();
     for (module, m) in &lora.modules {
         let Some(lin) = linears.get_mut(module) else {
             bail!("{source}: the LoRA adapts {module}, which this model does not have: is it a LoRA for another model (SD 1.5 is expected)?");
