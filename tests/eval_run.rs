@@ -267,3 +267,110 @@ fn eval_checkpoints_of_a_dreambooth_run() {
     assert!(config(1).contains("model-steps-1"), "{}", config(1));
     assert!(config(2).contains("model/unet"), "{}", config(2));
 }
+
+/// Issue 23: a 3-step ti run with `--heldout-every 1 --keep-best --save-every 1` keeps the
+/// argmin step's learned files byte for byte in RUN/best/ (which `sample --run` takes), records
+/// the step in config.json, and `eval --checkpoints` writes best.json with every metric's
+/// choice under each protocol and the held-out loss's.
+#[test]
+fn keep_best_and_best_json_of_a_three_step_run() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    common::make_dataset(&data);
+    let run = t.path().join("run");
+    let args = [
+        "--subject",
+        "dog",
+        "--method",
+        "ti",
+        "--steps",
+        "3",
+        "--save-every",
+        "1",
+        "--heldout-every",
+        "1",
+        "--keep-best",
+        "--lr",
+        "0.5",
+    ];
+    train_tiny(&args, Some(&data), &run);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let losses: Vec<f64> = lines
+        .iter()
+        .map(|l| {
+            l["heldout_loss"]
+                .as_f64()
+                .expect("heldout_loss at every step")
+        })
+        .collect();
+    assert_eq!(losses.len(), 3);
+    assert!(lines
+        .iter()
+        .all(|l| l["train_ref_loss"].as_f64().unwrap().is_finite()));
+    let argmin = 1
+        + (0..3)
+            .min_by(|&a, &b| losses[a].partial_cmp(&losses[b]).unwrap())
+            .unwrap();
+    let file = |step: usize| {
+        if step == 3 {
+            run.join("learned_embeds.safetensors")
+        } else {
+            run.join(format!("learned_embeds-steps-{step}.safetensors"))
+        }
+    };
+    assert_eq!(
+        std::fs::read(run.join("best/learned_embeds.safetensors")).unwrap(),
+        std::fs::read(file(argmin)).unwrap(),
+        "best/ holds step {argmin}'s embedding (losses {losses:?})"
+    );
+    for cfg in [run.join("config.json"), run.join("best/config.json")] {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(
+            v["best"]["step"].as_u64(),
+            Some(argmin as u64),
+            "{}",
+            cfg.display()
+        );
+    }
+    let o = bin()
+        .args(["sample", "--run"])
+        .arg(run.join("best"))
+        .args([
+            "--prompt",
+            "a photo of {}",
+            "--steps",
+            "2",
+            "--offline",
+            "--model",
+        ])
+        .arg(fixtures().join("tiny-sd"))
+        .arg("--out")
+        .arg(t.path().join("best-samples"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = t.path().join("curves");
+    let o = eval_tiny("--checkpoints", &run, &[], Some(&data), &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best.json")).unwrap()).unwrap();
+    assert_eq!(best["heldout_loss_step"].as_u64(), Some(argmin as u64));
+    let metrics = best["metrics"].as_array().unwrap();
+    assert_eq!(metrics.len(), 3);
+    for m in metrics {
+        for k in ["split_test_step", "classic_step"] {
+            let s = m[k].as_u64().unwrap();
+            assert!((1..=3).contains(&s), "{k} = {s}");
+        }
+    }
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("split-test best") && stdout.contains("DINO"),
+        "{stdout}"
+    );
+}

@@ -207,20 +207,21 @@ fn resume_is_exact() {
         ("neti+", "mapper-a1.safetensors"),
     ] {
         let tag = method.replace('+', "plus");
+        // neti+ also logs the held-out loss (NeTI's per-timestep conditioning), which must not
+        // disturb the training stream and must resume to the same values.
+        let heldout: &[&str] = if method == "neti+" {
+            &["--heldout-every", "1"]
+        } else {
+            &[]
+        };
         let full = tmp.path().join(format!("{tag}-full"));
-        ok(&train(
-            &data,
-            &full,
-            method,
-            &["--steps", "4", "--save-every", "2", "--schedule", "one"],
-        ));
+        let mut args = vec!["--steps", "4", "--save-every", "2", "--schedule", "one"];
+        args.extend(heldout);
+        ok(&train(&data, &full, method, &args));
         let half = tmp.path().join(format!("{tag}-half"));
-        ok(&train(
-            &data,
-            &half,
-            method,
-            &["--steps", "2", "--schedule", "one"],
-        ));
+        let mut args = vec!["--steps", "2", "--schedule", "one"];
+        args.extend(heldout);
+        ok(&train(&data, &half, method, &args));
         let o = bin()
             .args(["train", "--resume"])
             .arg(&half)
@@ -275,6 +276,22 @@ fn resume_is_exact() {
             .map(|m| m["step"].as_u64().unwrap())
             .collect();
         assert_eq!(steps, vec![1, 2, 3, 4]);
+        if !heldout.is_empty() {
+            let losses = |run: &Path| -> Vec<(u64, u64)> {
+                metrics(run)
+                    .iter()
+                    .map(|m| {
+                        let bits = |k: &str| m[k].as_f64().unwrap().to_bits();
+                        (bits("heldout_loss"), bits("train_ref_loss"))
+                    })
+                    .collect()
+            };
+            assert_eq!(
+                losses(&full),
+                losses(&half),
+                "{method}: held-out losses differ"
+            );
+        }
     }
 }
 
@@ -971,5 +988,87 @@ fn baseline_bad_input_is_refused_with_the_fix() {
                 .count()
                 <= 1
         }
+    );
+}
+
+/// Issue 23: the held-out loss is the test images' noise-prediction MSE at the fixed
+/// (timestep, noise) pairs, by hand here on tiny-sd; deterministic, independent of the training
+/// seed and RNG (which it does not advance), and it moves when the parameters do.
+#[test]
+fn heldout_loss_is_fixed_and_matches_a_hand_computation() {
+    use attractor::personalize::heldout::{self, HeldOut};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), false);
+    let ds = Dataset::open(&data).unwrap();
+    let subject = ds.subject("dog").unwrap();
+    let sd = load_tiny();
+    let settings = |seed| {
+        let s = TrainSettings {
+            method: Method::Ti,
+            resolution: 128,
+            batch: Some(1),
+            seed,
+            ..TrainSettings::default()
+        };
+        s.resolve().unwrap()
+    };
+    let mut a = Trainer::new(&sd, settings(0), &subject, &ds.dir).unwrap();
+    let b = Trainer::new(&sd, settings(7), &subject, &ds.dir).unwrap();
+    let h = HeldOut::encode(&sd, &subject.test_images, &subject.train_images, 128).unwrap();
+    assert_eq!(h.test.images, subject.test_images, "only the test images");
+    let rng_before = a.rng.state();
+    let la = h.evaluate(&a).unwrap();
+    assert_eq!(a.rng.state(), rng_before, "the training RNG is untouched");
+    assert_eq!(la, h.evaluate(&a).unwrap(), "deterministic");
+    assert_eq!(
+        la,
+        h.evaluate(&b).unwrap(),
+        "independent of the training seed"
+    );
+    assert_ne!(la.heldout_loss, la.train_ref_loss);
+
+    // By hand: every test image's posterior mean, its 8 noises, one UNet call of 8 rows.
+    let ts = heldout::timesteps(1000);
+    let prompt = format!("a photo of {}", a.info.subject_text());
+    let tokens = a.tokenizer.encode_batch(&vec![prompt; ts.len()]).unwrap();
+    let ids = attractor::personalize::tokens::ids_tensor(&tokens, &Device::Cpu).unwrap();
+    let mut sum = 0f64;
+    for path in &subject.test_images {
+        let img = attractor::data::image::load_rgb(path).unwrap();
+        let x = attractor::data::image::to_tensor(&img, 128)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let z0 = (sd.vae.encode(&x).unwrap().mean * sd.vae_config.scaling_factor).unwrap();
+        let (_, c, hh, ww) = z0.dims4().unwrap();
+        let eps = attractor::rng::Rng::new(heldout::noise_seed(path))
+            .randn((ts.len(), c, hh, ww), &Device::Cpu)
+            .unwrap();
+        let zt = sd
+            .schedule
+            .add_noise(&z0.repeat((ts.len(), 1, 1, 1)).unwrap(), &eps, &ts)
+            .unwrap();
+        let pred = a.predict_noise(&zt, &ts, &ids).unwrap();
+        let mse: f64 = (pred - eps)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        sum += mse;
+    }
+    let by_hand = sum / subject.test_images.len() as f64;
+    assert!(
+        (by_hand - la.heldout_loss).abs() < 1e-5 * by_hand.abs().max(1.0),
+        "by hand {by_hand}, heldout {}",
+        la.heldout_loss
+    );
+    a.train_step().unwrap();
+    assert_ne!(
+        h.evaluate(&a).unwrap().heldout_loss,
+        la.heldout_loss,
+        "moves with the parameters"
     );
 }

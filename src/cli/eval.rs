@@ -9,7 +9,7 @@
 //!     DIR/<subject>/classic/<prompt index>/<sample>.png              (classic)
 //! attractor eval merge --out ALL SHARD_DIR...
 //! attractor eval --checkpoints RUN_DIR     every saved step, both protocols: step-N/ folders,
-//!     checkpoints.csv and checkpoints.png (scores over training, the paper's Fig. 1)
+//!     checkpoints.csv and checkpoints.png (scores over training, the paper's Fig. 1); best.json
 //! ```
 //!
 //! This file resolves flags into [`EvalSettings`] and owns the console output; the protocol,
@@ -17,7 +17,10 @@
 
 use super::Common;
 use crate::data::layout::Dataset;
-use crate::eval::checkpoints::{curves_csv, curves_table, StepScores, CURVES_CSV, CURVES_PNG};
+use crate::eval::checkpoints::{
+    best_choices, best_table, curves_csv, curves_table, StepScores, BEST_JSON, CURVES_CSV,
+    CURVES_PNG,
+};
 use crate::eval::protocol::{
     run_protocol_with_progress, score_image_dir, ClipTSubject, Generator, Progress, Shard, Split,
 };
@@ -50,7 +53,8 @@ pub struct EvalArgs {
     pub run: Option<PathBuf>,
     /// A training run folder: evaluate every saved step (`checkpoints/step-N`, see `train
     /// --save-every`) into `--out` (default RUN_DIR/eval-checkpoints)/step-N, then write
-    /// checkpoints.csv and checkpoints.png, the scores over training.
+    /// checkpoints.csv and checkpoints.png, the scores over training, and best.json, the step
+    /// each protocol (and the run's held-out loss) would pick.
     #[arg(long, conflicts_with_all = ["runs", "images", "shard"])]
     pub checkpoints: Option<PathBuf>,
     /// A folder of run folders: evaluate each.
@@ -480,7 +484,7 @@ fn step_suffix(run_dir: &Path, info: &RunInfo, step: usize, last: usize) -> Resu
         return Ok(String::new());
     }
     bail!(
-        "{}: checkpoints/step-{step}.safetensors has no learned files beside it ({} is missing);          remove that checkpoint or resume the run with `attractor train --resume {}`",
+        "{}: checkpoints/step-{step}.safetensors has no learned files beside it ({} is missing); remove that checkpoint or resume the run with `attractor train --resume {}`",
         run_dir.display(),
         main(&suffix).display(),
         run_dir.display()
@@ -498,7 +502,7 @@ fn checkpoints(
     let saved = super::train::saved_checkpoints(run_dir)?;
     if saved.is_empty() {
         bail!(
-            "--checkpoints {}: no checkpoints/step-N.safetensors inside; train with              `attractor train --save-every N --out {}` to keep intermediate steps",
+            "--checkpoints {}: no checkpoints/step-N.safetensors inside; train with `attractor train --save-every N --out {}` to keep intermediate steps",
             run_dir.display(),
             run_dir.display()
         );
@@ -542,10 +546,17 @@ fn checkpoints(
         write_curves(&out, run_dir, &info, &curves)?;
     }
     println!("{}", curves_table(&curves).trim_end());
+    let best = best_choices(
+        &curves,
+        &super::train::heldout_history(&run_dir.join("metrics.jsonl"))?,
+    );
+    println!("\nthe step each protocol would pick (split-test = the honest choice):");
+    println!("{}", best_table(&best).trim_end());
     println!(
-        "curves: {}  plot: {}  per step: {}",
+        "curves: {}  plot: {}  choices: {}  per step: {}",
         out.join(CURVES_CSV).display(),
         out.join(CURVES_PNG).display(),
+        out.join(BEST_JSON).display(),
         out.join("step-N").display()
     );
     Ok(())
@@ -553,6 +564,14 @@ fn checkpoints(
 
 fn write_curves(out: &Path, run_dir: &Path, info: &RunInfo, curves: &[StepScores]) -> Result<()> {
     crate::files::atomic_write(&out.join(CURVES_CSV), curves_csv(curves).as_bytes())?;
+    let best = best_choices(
+        curves,
+        &super::train::heldout_history(&run_dir.join("metrics.jsonl"))?,
+    );
+    crate::files::atomic_write(
+        &out.join(BEST_JSON),
+        serde_json::to_string_pretty(&best)?.as_bytes(),
+    )?;
     let name = run_dir
         .file_name()
         .map(|n| n.to_string_lossy().to_string())

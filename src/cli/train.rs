@@ -5,9 +5,10 @@ use super::sample::{load_model_in, progress};
 use super::Common;
 use crate::data::layout::Dataset;
 use crate::personalize::generate::LearnedSubject;
+use crate::personalize::heldout::{BestTracker, HeldOut};
 use crate::personalize::method::{Method, Schedule};
 use crate::personalize::settings::TrainSettings;
-use crate::personalize::trainer::{RunInfo, Trainer};
+use crate::personalize::trainer::{BestStep, RunInfo, Trainer};
 use crate::pipeline::SampleSettings;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -63,6 +64,19 @@ pub struct TrainArgs {
     /// Write validation images every N steps (0 = off).
     #[arg(long)]
     pub validate_every: Option<usize>,
+    /// Evaluate the held-out loss every N steps (0 = off): the noise-prediction loss on the
+    /// subject's test images at fixed timesteps and noise (SPEC.md §9), and on its training
+    /// images beside it, logged in metrics.jsonl as heldout_loss and train_ref_loss.
+    #[arg(long)]
+    pub heldout_every: Option<usize>,
+    /// Keep the learned files of the step with the lowest held-out loss as RUN/best/ (`sample
+    /// --run RUN/best`, `eval --run RUN/best`); needs --heldout-every.
+    #[arg(long)]
+    pub keep_best: bool,
+    /// Stop after P held-out evaluations without a lower loss, saving as at the end of
+    /// training; needs --heldout-every.
+    #[arg(long, value_name = "P")]
+    pub early_stop: Option<usize>,
     /// DreamBooth's subject word (default `sks`; a rare single CLIP token).
     #[arg(long)]
     pub identifier: Option<String>,
@@ -159,6 +173,7 @@ pub fn resolve_settings(args: &TrainArgs) -> Result<TrainSettings> {
     if let Some(v) = args.validate_every {
         s.validate_every = v;
     }
+    apply_heldout_flags(args, &mut s);
     if let Some(v) = args.common.seed {
         s.seed = v;
     }
@@ -200,6 +215,73 @@ pub fn resolve_settings(args: &TrainArgs) -> Result<TrainSettings> {
         b.modifier_token = v.clone();
     }
     Ok(s)
+}
+
+/// The held-out flags, which also apply on `--resume` (they change what is measured and kept,
+/// never the trained parameters).
+fn apply_heldout_flags(args: &TrainArgs, s: &mut TrainSettings) {
+    if let Some(v) = args.heldout_every {
+        s.heldout_every = v;
+    }
+    if args.keep_best {
+        s.keep_best = true;
+    }
+    if let Some(v) = args.early_stop {
+        s.early_stop = v;
+    }
+}
+
+/// The (step, held-out loss) pairs a run's metrics.jsonl has logged, in order: what a resumed
+/// run's best step and early-stop count are rebuilt from (the file is truncated to the
+/// checkpoint first, so they match an uninterrupted run).
+pub fn heldout_history(metrics: &Path) -> Result<Vec<(usize, f64)>> {
+    if !metrics.is_file() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("cannot read {}", metrics.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let step = v.get("step")?.as_u64()? as usize;
+            Some((step, v.get("heldout_loss")?.as_f64()?))
+        })
+        .collect())
+}
+
+fn best_step(tracker: &BestTracker) -> Option<BestStep> {
+    tracker
+        .best
+        .map(|(step, heldout_loss)| BestStep { step, heldout_loss })
+}
+
+/// `--keep-best`: the current learned files and config.json (with the best step) into
+/// `RUN/best/`, written beside it first and swapped in by renames, so `RUN/best/` is always one
+/// complete step.
+fn save_best(trainer: &Trainer, out: &Path) -> Result<()> {
+    let best = out.join("best");
+    let tmp = out.join("best.tmp");
+    let old = out.join("best.old");
+    for d in [&tmp, &old] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).with_context(|| format!("cannot remove {}", d.display()))?;
+        }
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    trainer.save_outputs(&tmp, "")?;
+    let cfg_json = serde_json::to_string_pretty(&trainer.info)?;
+    crate::files::atomic_write(&tmp.join("config.json"), cfg_json.as_bytes())?;
+    crate::files::atomic_write(&out.join("config.json"), cfg_json.as_bytes())?;
+    if best.exists() {
+        std::fs::rename(&best, &old).with_context(|| format!("cannot move {}", best.display()))?;
+    }
+    std::fs::rename(&tmp, &best).with_context(|| format!("cannot move {}", tmp.display()))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)
+            .with_context(|| format!("cannot remove {}", old.display()))?;
+    }
+    Ok(())
 }
 
 /// The newest `checkpoints/step-N.safetensors` of a run.
@@ -300,6 +382,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             if let Some(v) = args.save_every {
                 s.save_every = v;
             }
+            apply_heldout_flags(args, &mut s);
             (run.clone(), s, Some(info))
         }
         None => {
@@ -391,11 +474,52 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "effective configuration: {}",
         out.join("config.toml").display()
     );
+    let heldout = match resolved.s.heldout_every {
+        0 => None,
+        every => {
+            eprintln!(
+                "held-out loss every {every} steps on {} test images ({} fixed timesteps each; the {} training images beside it){}",
+                subject.test_images.len(),
+                crate::personalize::heldout::TIMESTEPS,
+                subject.train_images.len(),
+                match (resolved.s.keep_best, resolved.s.early_stop) {
+                    (true, 0) => format!("; the best step is kept in {}", out.join("best").display()),
+                    (true, p) => format!("; the best step is kept in {}; stop after {p} evaluations without improvement", out.join("best").display()),
+                    (false, 0) => String::new(),
+                    (false, p) => format!("; stop after {p} evaluations without improvement"),
+                }
+            );
+            Some(HeldOut::encode(
+                &sd,
+                &subject.test_images,
+                &subject.train_images,
+                resolved.s.resolution,
+            )?)
+        }
+    };
+    let mut tracker = BestTracker::new(resolved.s.early_stop);
+    for (step, loss) in heldout_history(&metrics)? {
+        tracker.observe(step, loss);
+    }
+    if resolved.s.keep_best {
+        trainer.info.best = best_step(&tracker);
+    }
+    if tracker.should_stop() && trainer.step < resolved.steps {
+        let (b, l) = tracker.best.unwrap_or_default();
+        eprintln!(
+            "{} stopped early at step {}: no lower held-out loss in {} evaluations after step {b} ({l:.5}). Fix: resume with a larger --early-stop (or 0) to train on",
+            out.display(),
+            trainer.step,
+            tracker.patience
+        );
+        return Ok(());
+    }
     let pb = progress(resolved.steps as u64, "train");
     pb.set_position(trainer.step as u64);
     let ckpt_dir = out.join("checkpoints");
+    let mut last_heldout = String::new();
     while trainer.step < resolved.steps {
-        let log = match trainer.train_step() {
+        let mut log = match trainer.train_step() {
             Ok(l) => l,
             Err(e) => {
                 pb.abandon();
@@ -413,10 +537,46 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 )));
             }
         };
-        crate::files::append_line(&metrics, &serde_json::to_string(&log)?)?;
-        pb.set_position(log.step as u64);
-        pb.set_message(format!("train loss {:.4}", log.loss));
         let s = trainer.step;
+        let mut stop = false;
+        let mut message = format!("train loss {:.4}", log.loss);
+        if let Some(h) = heldout
+            .as_ref()
+            .filter(|_| s % resolved.s.heldout_every == 0 || s == resolved.steps)
+        {
+            let l = h.evaluate(&trainer)?;
+            log.heldout_loss = Some(l.heldout_loss);
+            log.train_ref_loss = Some(l.train_ref_loss);
+            let improved = tracker.observe(s, l.heldout_loss);
+            crate::files::append_line(&metrics, &serde_json::to_string(&log)?)?;
+            if improved && resolved.s.keep_best {
+                trainer.info.best = best_step(&tracker);
+                save_best(&trainer, &out)?;
+            }
+            stop = tracker.should_stop();
+            last_heldout = format!(
+                " · held-out {:.4} (train-ref {:.4}, best step {})",
+                l.heldout_loss,
+                l.train_ref_loss,
+                tracker.best.map(|b| b.0).unwrap_or(s)
+            );
+        } else {
+            crate::files::append_line(&metrics, &serde_json::to_string(&log)?)?;
+        }
+        message.push_str(&last_heldout);
+        pb.set_position(log.step as u64);
+        pb.set_message(message);
+        if stop {
+            trainer.info.stopped_early_at = Some(s);
+            pb.suspend(|| {
+                eprintln!(
+                    "early stop at step {s}: no lower held-out loss in {} evaluations (best: step {})",
+                    tracker.patience,
+                    tracker.best.map(|b| b.0).unwrap_or(s)
+                )
+            });
+            break;
+        }
         let every = resolved.s.save_every;
         if every > 0 && s % every == 0 && s < resolved.steps {
             trainer.save_checkpoint(&ckpt_dir.join(format!("step-{s}.safetensors")))?;
@@ -432,6 +592,19 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let written = trainer.save_outputs(&out, "")?;
     for w in written {
         eprintln!("wrote {}", w.display());
+    }
+    if trainer.info.best.is_some() || trainer.info.stopped_early_at.is_some() {
+        let cfg_json = serde_json::to_string_pretty(&trainer.info)?;
+        crate::files::atomic_write(&out.join("config.json"), cfg_json.as_bytes())?;
+    }
+    if let Some(b) = trainer.info.best {
+        eprintln!(
+            "best held-out loss {:.5} at step {}: its learned files are in {} (`attractor sample --run {}`)",
+            b.heldout_loss,
+            b.step,
+            out.join("best").display(),
+            out.join("best").display()
+        );
     }
     eprintln!(
         "done: sample it with `attractor sample --run {} --prompt \"a photo of {{}} on a beach\"{}`",
@@ -452,6 +625,13 @@ fn check_input(
     let method = s.s.method;
     if method.uses_attractor() {
         crate::personalize::trainer::check_masks(subject, dataset_dir)?;
+    }
+    if s.s.heldout_every > 0 && subject.test_images.is_empty() {
+        bail!(
+            "--heldout-every: subject {} has no test images in {} to measure a held-out loss on. Fix: add test images (see `attractor dataset new`), or drop --heldout-every",
+            subject.name,
+            subject.dir.join("test").display()
+        );
     }
     let b = &s.s.baseline;
     if method.uses_identifier()

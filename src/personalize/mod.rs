@@ -16,6 +16,7 @@ pub use prompts::{PromptSampler, PromptTriple};
 pub use tokens::{ClipTokenizer, TokenError, Tokens};
 pub mod concept;
 pub mod generate;
+pub mod heldout;
 pub mod optim;
 pub mod prior;
 pub mod settings;

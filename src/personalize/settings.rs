@@ -48,6 +48,16 @@ pub struct TrainSettings {
     pub validation_prompt: String,
     /// Sampler steps of validation images.
     pub validation_steps: usize,
+    /// Evaluate the held-out loss (SPEC.md §9: the test images' noise-prediction loss at fixed
+    /// timesteps and noise, with the training images' beside it) every N optimizer steps
+    /// (default 0 = off).
+    pub heldout_every: usize,
+    /// Keep the learned files of the step with the lowest held-out loss as `RUN/best/`
+    /// (needs heldout_every).
+    pub keep_best: bool,
+    /// Stop after this many held-out evaluations without a lower loss (default 0 = never;
+    /// needs heldout_every).
+    pub early_stop: usize,
     pub adamw: AdamWConfig,
     /// Random seed (noise, timesteps, images, flips, templates, dropout).
     pub seed: u64,
@@ -164,6 +174,9 @@ impl Default for TrainSettings {
             validate_every: 0,
             validation_prompt: "a photo of {}".into(),
             validation_steps: 25,
+            heldout_every: 0,
+            keep_best: false,
+            early_stop: 0,
             adamw: AdamWConfig::default(),
             seed: 0,
             baseline: BaselineSettings::default(),
@@ -223,6 +236,16 @@ impl TrainSettings {
             anyhow::bail!(
                 "resolution {} is not a positive multiple of 8",
                 self.resolution
+            );
+        }
+        if self.heldout_every == 0 && (self.keep_best || self.early_stop > 0) {
+            anyhow::bail!(
+                "{} needs the held-out loss: add --heldout-every N (e.g. --heldout-every 50)",
+                if self.keep_best {
+                    "--keep-best"
+                } else {
+                    "--early-stop"
+                }
             );
         }
         if m.uses_neti() && self.num_vectors != 1 {

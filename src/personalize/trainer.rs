@@ -44,6 +44,19 @@ pub struct RunInfo {
     /// Where prior preservation's class images come from (the baselines; absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prior_images: Option<String>,
+    /// `train --keep-best`: the step whose learned files are in `RUN/best/`, by held-out loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestStep>,
+    /// `train --early-stop`: the step training stopped at, before its `--steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_early_at: Option<usize>,
+}
+
+/// The held-out evaluation with the lowest loss (`train --keep-best`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BestStep {
+    pub step: usize,
+    pub heldout_loss: f64,
 }
 
 fn f32_name() -> String {
@@ -109,6 +122,19 @@ pub struct StepLog {
     pub grad_norm: Option<f64>,
     pub schedule_weight: f64,
     pub lr: f64,
+    /// The held-out loss on the test images (SPEC.md §9), at `--heldout-every` steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heldout_loss: Option<f64>,
+    /// The same quantity on the training images, beside it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_ref_loss: Option<f64>,
+}
+
+/// One held-out evaluation ([`crate::personalize::heldout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HeldOutLosses {
+    pub heldout_loss: f64,
+    pub train_ref_loss: f64,
 }
 
 /// What one micro-batch's forward pass gives: the total loss, the paper's parts, whether the
@@ -284,6 +310,8 @@ impl<'a> Trainer<'a> {
             init_word,
             model_dtype: sd.dtype.as_str().to_string(),
             prior_images: prior_source(&settings, &subject.class),
+            best: None,
+            stopped_early_at: None,
         };
         add_tokens(&mut tokenizer, &info, sd)?;
         let table = &sd.text.token_embedding;
@@ -733,7 +761,33 @@ impl<'a> Trainer<'a> {
                 0.0
             },
             lr,
+            heldout_loss: None,
+            train_ref_loss: None,
         })
+    }
+
+    /// The UNet's noise prediction (f32) for noised latents `zt` at timesteps `ts` under the
+    /// prompts `ids` `[N, 77]`, with the current parameters and the method's own conditioning
+    /// (NeTI: per timestep and layer, no nested dropout). Forward only; the training RNG is
+    /// not touched. The held-out loss's one model call.
+    pub fn predict_noise(&self, zt: &Tensor, ts: &[usize], ids: &Tensor) -> Result<Tensor> {
+        let sd = self.sd;
+        let enc =
+            self.learned
+                .encode(&sd.text, ids, ts, UNET_LAYERS.len(), NetiOptions::default())?;
+        let t_in = Tensor::new(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), &sd.device)?;
+        Ok(sd
+            .unet
+            .forward(&zt.to_dtype(sd.dtype)?, &t_in, &enc.cond)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// UNet rows of one training micro-batch (the pools and the class images): what a
+    /// forward-only pass may use without needing more memory than training.
+    pub fn unet_rows_per_step(&self) -> usize {
+        let s = &self.info.settings;
+        let pools = if self.method().uses_attractor() { 3 } else { 1 };
+        s.batch * (pools + s.prior_preservation() as usize)
     }
 
     /// With gradient checkpointing, the UNet blocks' parameter gradients come from their
