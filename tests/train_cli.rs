@@ -1072,3 +1072,72 @@ fn heldout_loss_is_fixed_and_matches_a_hand_computation() {
         "moves with the parameters"
     );
 }
+
+/// Issue 23: `--early-stop 1` stops at the first held-out evaluation without a strictly lower
+/// loss (replayed here from the logged losses), records the step, and saves as at the end of
+/// training; resuming the stopped run does nothing.
+#[test]
+fn early_stop_ends_the_run_where_the_losses_say() {
+    use attractor::personalize::heldout::BestTracker;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), false);
+    let out = tmp.path().join("run");
+    let args = [
+        "--steps",
+        "5",
+        "--heldout-every",
+        "1",
+        "--early-stop",
+        "1",
+        "--lr",
+        "5",
+    ];
+    ok(&train(&data, &out, "ti", &args));
+    let logged: Vec<(usize, f64)> = metrics(&out)
+        .iter()
+        .map(|m| {
+            (
+                m["step"].as_u64().unwrap() as usize,
+                m["heldout_loss"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let mut t = BestTracker::new(1);
+    let expected = logged
+        .iter()
+        .find(|&&(s, l)| {
+            t.observe(s, l);
+            t.should_stop()
+        })
+        .map(|&(s, _)| s);
+    let last = logged.last().unwrap().0;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    match expected {
+        Some(s) => {
+            assert_eq!(s, last, "no step logged after the stop: {logged:?}");
+            assert_eq!(cfg["stopped_early_at"].as_u64(), Some(s as u64));
+        }
+        None => {
+            assert_eq!(last, 5, "{logged:?}");
+            assert!(cfg.get("stopped_early_at").is_none());
+        }
+    }
+    assert!(out
+        .join(format!("checkpoints/step-{last}.safetensors"))
+        .is_file());
+    assert!(out.join("learned_embeds.safetensors").is_file());
+    let o = bin()
+        .args(["train", "--resume"])
+        .arg(&out)
+        .args(["--offline", "--model"])
+        .arg(tiny_model())
+        .output()
+        .unwrap();
+    ok(&o);
+    assert_eq!(
+        metrics(&out).len(),
+        logged.len(),
+        "a stopped run stays stopped"
+    );
+}
