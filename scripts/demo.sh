@@ -17,6 +17,13 @@ bin=target/debug/attractor
 
 model=${ATTRACTOR_MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}
 if "$bin" fetch --model "$model" --offline >/dev/null 2>&1; then real=1; else real=0; fi
+if [ "$real" = 1 ]; then
+  # The real run trains in the release profile: the dev profile builds our own kernels at
+  # opt-level 1 (the smoke run below keeps the dev build that `cargo test` shares).
+  echo "== building the release binary (cargo build --release)"
+  cargo build --release --locked --quiet
+  bin=target/release/attractor
+fi
 
 "$bin" dataset check
 

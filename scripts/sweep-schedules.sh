@@ -43,9 +43,9 @@ Example (the tiny test models):
       -- --resolution 128 --batch 1 --grad-accum 1
 
 Every method, one subject (the + methods with the cosine schedule; the weight-training
-methods with one class image of two sampling steps). ti+, neti+ and dreambooth-lora+ need
-subject masks in the dataset (DIR/<subject>/masks/, e.g. attractor masks --data DIR --subject
-dog):
+methods with one class image of two sampling steps). ti+, neti+ and dreambooth-lora+ make the
+subject masks the dataset lacks (DIR/<subject>/masks/) before training, with SAM from the
+Hugging Face cache (offline: fetch it once, or pass -- --sam FILE) and --clip:
   ATTRACTOR_CACHE=/tmp/sweep-cache $(basename -- "$0") --out /tmp/sweep8 \\
       --model tests/fixtures/tiny-sd --data DIR --subjects dog --schedules cosine --split test \\
       --methods ti,ti+,neti,neti+,dreambooth,dreambooth-lora,custom-diffusion,dreambooth-lora+ \\

@@ -165,10 +165,17 @@ pub enum Case {
     #[value(name = "custom-diffusion")]
     #[serde(rename = "custom-diffusion")]
     CustomDiffusion,
+    /// One `train --heldout-every` evaluation of one image for a ti run: the
+    /// [`HeldOutSet`](crate::personalize::heldout::HeldOutSet) loss at its 8 fixed timesteps,
+    /// forward only, in chunks of the ti step's UNet rows (1). A run's evaluation costs this
+    /// times its test plus training images; set it beside the `ti+` or `ti` step.
+    #[value(name = "heldout")]
+    #[serde(rename = "heldout")]
+    HeldOut,
 }
 
 impl Case {
-    pub const ALL: [Case; 8] = [
+    pub const ALL: [Case; 9] = [
         Case::Ti,
         Case::Neti,
         Case::TiPlus,
@@ -177,10 +184,12 @@ impl Case {
         Case::DreamBooth,
         Case::DreamBoothLora,
         Case::CustomDiffusion,
+        Case::HeldOut,
     ];
 
     /// What `bench` runs without `--cases`: all but the full DreamBooth fine-tune, whose
-    /// weights, gradients and AdamW moments alone take 13.8 GB at SD 1.5's size.
+    /// weights, gradients and AdamW moments alone take 13.8 GB at SD 1.5's size, and the
+    /// held-out evaluation (`--cases ti+,heldout` sets it beside a training step).
     pub const DEFAULT: [Case; 7] = [
         Case::Ti,
         Case::Neti,
@@ -201,12 +210,13 @@ impl Case {
             Case::DreamBooth => "dreambooth",
             Case::DreamBoothLora => "dreambooth-lora",
             Case::CustomDiffusion => "custom-diffusion",
+            Case::HeldOut => "heldout",
         }
     }
 
     /// True when the case runs a backward pass.
     pub fn trains(self) -> bool {
-        !matches!(self, Case::Sample)
+        !matches!(self, Case::Sample | Case::HeldOut)
     }
 
     /// The training method whose real [`Trainer`] step this case times, if it is one.
@@ -465,7 +475,8 @@ fn run_timed(models: &BenchModels, inputs: &CaseInputs) -> Result<RunTimes> {
         | Case::NetiPlus
         | Case::DreamBooth
         | Case::DreamBoothLora
-        | Case::CustomDiffusion => {
+        | Case::CustomDiffusion
+        | Case::HeldOut => {
             candle_core::bail!("the {} case runs through the trainer", inputs.case.name())
         }
         Case::Sample => {
@@ -615,6 +626,44 @@ pub fn measure(
     }
     let start = Instant::now();
     let (all, build_s) = match case.trainer_method() {
+        None if case == Case::HeldOut => {
+            let sd = random_sd(cfgs, seed, (device, dtype))?;
+            let subject = BenchSubject::create(seed)?;
+            let settings = TrainSettings {
+                method: Method::Ti,
+                batch: Some(1),
+                grad_accum: Some(1),
+                resolution: size,
+                seed,
+                ..Default::default()
+            }
+            .resolve()?;
+            let trainer = Trainer::new(&sd, settings, &subject.subject, &subject.root)?;
+            let set = crate::personalize::heldout::HeldOutSet::encode(
+                &sd,
+                &subject.subject.train_images[..1],
+                size,
+            )?;
+            let chunk = trainer.unet_rows_per_step();
+            let build_s = start.elapsed().as_secs_f64();
+            let mut all = Vec::with_capacity(runs);
+            for i in 0..warmup + runs {
+                let cpu0 = process_cpu_seconds();
+                let t0 = Instant::now();
+                let loss = device.with_context(|| set.loss(&trainer, chunk))?;
+                if !loss.is_finite() {
+                    anyhow::bail!("the held-out loss is not finite");
+                }
+                if i >= warmup {
+                    all.push(RunTimes {
+                        forward_s: t0.elapsed().as_secs_f64(),
+                        backward_s: 0.0,
+                        cpu_s: process_cpu_seconds() - cpu0,
+                    });
+                }
+            }
+            (all, build_s)
+        }
         None => {
             let models = BenchModels::random(&cfgs.text, &cfgs.unet, seed, (device, dtype))?;
             let inputs = CaseInputs::new(&models, case, size, seed)?;
@@ -751,10 +800,12 @@ impl BenchSubject {
             name: "bench_subject".into(),
             class: "dog".into(),
             kind: Kind::Live,
+            masks_dir: dir.join("masks"),
             dir,
             train_images,
             test_images: Vec::new(),
             captions: Default::default(),
+            photo_folder: false,
         };
         Ok(Self { root, subject })
     }

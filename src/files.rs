@@ -8,6 +8,38 @@ use std::path::{Path, PathBuf};
 
 /// Write `bytes` to `path` atomically: readers see the old file or the new one, never a torn one.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = write_temp(path, bytes)?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Write `bytes` to `path` atomically unless `path` exists, which is then left as it is, even
+/// when another process creates it meanwhile (the temporary file is hard-linked into place,
+/// which fails on an existing name, where a rename would replace it). Returns whether this
+/// call wrote the file. On a file system without hard links, falls back to check-then-rename.
+pub fn atomic_write_new(path: &Path, bytes: &[u8]) -> Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let tmp = write_temp(path, bytes)?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let written = match linked {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(_) if !path.exists() => {
+            return std::fs::rename(&tmp, path)
+                .map(|()| true)
+                .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()));
+        }
+        Err(_) => false,
+    };
+    std::fs::remove_file(&tmp).ok();
+    Ok(written)
+}
+
+/// The complete, fsynced temporary file beside `path` that [`atomic_write`] moves into place.
+fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -26,9 +58,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         f.sync_all().ok();
     }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    Ok(tmp)
 }
 
 /// The `{"format": "pt"}` metadata that diffusers, A1111 and kohya write into the
@@ -117,10 +147,27 @@ where
     P: image::PixelWithColorType,
     [P::Subpixel]: image::EncodableLayout,
 {
+    atomic_write(path, &png_bytes(img, path)?)
+}
+
+/// [`save_png`] unless `path` exists (see [`atomic_write_new`]); returns whether it wrote.
+pub fn save_png_new<P>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>, path: &Path) -> Result<bool>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+{
+    atomic_write_new(path, &png_bytes(img, path)?)
+}
+
+fn png_bytes<P>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>, path: &Path) -> Result<Vec<u8>>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+{
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)
         .with_context(|| format!("cannot encode {}", path.display()))?;
-    atomic_write(path, &buf.into_inner())
+    Ok(buf.into_inner())
 }
 
 /// A stable 64-bit FNV-1a hash of a byte string (content fingerprints in results).

@@ -14,6 +14,7 @@ pub mod hub;
 pub mod nn;
 pub mod personalize;
 pub mod pipeline;
+pub mod ranges;
 pub mod report;
 pub mod rng;
 pub mod sd;

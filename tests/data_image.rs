@@ -2,7 +2,7 @@
 //! files, the training tensor, and the mask resize against the golden `mask.image -> mask.latent`.
 
 mod common;
-use common::max_abs;
+use common::{exif_orientation, max_abs};
 
 use attractor::data::image::{
     check_mask_dims, hflip, load_mask, load_mask_for, load_rgb, mask_to_latent, to_tensor,
@@ -115,19 +115,6 @@ fn mask_of_wrong_size_names_file_and_fix() {
     );
     assert!(check_mask_dims(&path, (6, 8), (6, 8)).is_ok());
     assert!(load_mask_for(&path, (8, 8), 4).is_ok());
-}
-
-/// A little-endian TIFF/Exif block holding one Orientation (0x0112) entry.
-fn exif_orientation(value: u16) -> Vec<u8> {
-    let mut b = vec![0x49, 0x49, 42, 0, 8, 0, 0, 0];
-    b.extend_from_slice(&1u16.to_le_bytes()); // one IFD entry
-    b.extend_from_slice(&0x0112u16.to_le_bytes());
-    b.extend_from_slice(&3u16.to_le_bytes()); // SHORT
-    b.extend_from_slice(&1u32.to_le_bytes()); // count
-    b.extend_from_slice(&value.to_le_bytes());
-    b.extend_from_slice(&[0, 0]);
-    b.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
-    b
 }
 
 /// An image whose left half is red and right half blue (blocks survive JPEG).

@@ -481,3 +481,42 @@ fn jobs_cover_the_protocols() {
     .unwrap();
     assert_eq!(removed[0].clip_t_text, "a photo of on a ledge");
 }
+
+/// A split-test dataset without prompts.json opens, checks clean of it, trains and runs the
+/// split-test protocol; only the classic protocol refuses, naming the missing file.
+#[test]
+fn prompts_json_is_needed_by_the_classic_protocol_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_dataset(tmp.path());
+    std::fs::remove_file(tmp.path().join("prompts.json")).unwrap();
+    let ds = Dataset::open(tmp.path()).unwrap();
+    assert!(ds.subject("dog").is_ok());
+    let tok = attractor::assets::clip_tokenizer().unwrap();
+    let report = attractor::data::check::check_dataset(
+        tmp.path(),
+        &tok,
+        &attractor::data::check::CheckOptions::default(),
+    );
+    assert!(
+        report
+            .problems
+            .iter()
+            .all(|p| !p.to_string().contains("prompts.json")),
+        "{:?}",
+        report.problems
+    );
+    let jobs = build_jobs(&settings(Split::Test, 1), &ds, &subjects(), &|_| None).unwrap();
+    assert_eq!(jobs.len(), 4);
+    for split in [Split::Train, Split::Both] {
+        let err = build_jobs(&settings(split, 1), &ds, &subjects(), &|_| None)
+            .unwrap_err()
+            .to_string();
+        let missing = tmp.path().join("prompts.json").display().to_string();
+        assert!(
+            err.contains(&format!("{missing}: file not found"))
+                && err.contains("classic protocol")
+                && err.contains("Fix: write prompts.json"),
+            "{err}"
+        );
+    }
+}

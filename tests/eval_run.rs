@@ -185,6 +185,7 @@ fn eval_checkpoints_scores_every_saved_step() {
     // A run folder without checkpoints: the error says how to keep them.
     let empty = t.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
+    std::fs::copy(run.join("config.json"), empty.join("config.json")).unwrap();
     let o = eval(&empty);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);

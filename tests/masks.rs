@@ -2,6 +2,8 @@
 //! implementation of the scorer on the tiny fixture, and the whole SAM -> rank -> write pipeline
 //! on a small SAM with random weights.
 
+mod common;
+
 use attractor::data::check::{check_dataset, CheckOptions, ProblemKind};
 use attractor::data::masks::{
     mask_subject, masked_crop, select_mask, CandidateOptions, CropScorer, MaskOptions,
@@ -10,9 +12,7 @@ use attractor::data::masks::{
 use attractor::data::Dataset;
 use attractor::eval::clip::ClipScorer;
 use attractor::hub::ModelSource;
-use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
-use candle_transformers::models::segment_anything::sam::Sam;
+use candle_core::Device;
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use std::path::PathBuf;
 
@@ -162,29 +162,6 @@ fn clip_crop_scorer_is_the_cosine_of_projected_embeddings() {
     assert!(s[0] != s[1]);
 }
 
-/// A SAM with the real topology but a 16-wide, 1-block image encoder and random weights.
-fn random_sam(dev: &Device) -> Sam {
-    let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
-    let sam = Sam::new(16, 1, 1, &[], vb).unwrap();
-    // Layer norms and some tables start at zero in a VarMap: give every weight a random value so
-    // the masks vary over the image.
-    let mut vars = vm
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect::<Vec<_>>();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut rng = attractor::rng::Rng::new(7);
-    for (_, v) in vars.iter() {
-        let r = (rng.randn(v.shape(), dev).unwrap() * 0.3).unwrap();
-        v.set(&r.to_dtype(DType::F32).unwrap()).unwrap();
-    }
-    sam
-}
-
 fn copy_subject(name: &str, n_train: usize) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let src = manifest().join("data/dreambooth-split");
@@ -223,7 +200,7 @@ fn copy_subject(name: &str, n_train: usize) -> tempfile::TempDir {
 #[test]
 fn sam_pipeline_end_to_end_on_random_weights() {
     let dev = Device::Cpu;
-    let seg = SamSegmenter::new(random_sam(&dev), &dev);
+    let seg = SamSegmenter::new(common::random_sam(&dev).1, &dev);
     let tmp = copy_subject("cat", 1);
     let ds = Dataset::open(tmp.path()).unwrap();
     let subject = ds.subject("cat").unwrap();

@@ -370,13 +370,394 @@ fn neti_samples_with_truncation_and_attractor() {
 fn attractor_method_without_masks_lists_them_and_names_the_command() {
     let tmp = tempfile::tempdir().unwrap();
     let data = dataset(tmp.path(), false);
-    let o = train(&data, &tmp.path().join("run"), "ti+", &["--steps", "1"]);
+    // `--masks-missing error` restores the refusal (by default the masks are made first).
+    let o = train(
+        &data,
+        &tmp.path().join("run"),
+        "ti+",
+        &["--steps", "1", "--masks-missing", "error"],
+    );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("masks/00.png") && err.contains("attractor masks"),
         "{err}"
     );
+    assert!(!data.join("dog/masks").exists(), "nothing was made");
+}
+
+/// Unusable masks are refused before any model loads (`--model` names no folder here), each
+/// with the line `dataset check` prints for it: all black, all white, the wrong size.
+#[test]
+fn bad_masks_are_refused_at_train_time_as_dataset_check_refuses_them() {
+    use attractor::data::check::{check_dataset, CheckOptions, ProblemKind};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), true);
+    let masks = data.join("dog/masks");
+    let dims = |stem: &str| {
+        let p = data.join("dog/train").join(format!("{stem}.jpg"));
+        image::image_dimensions(p).unwrap()
+    };
+    let (w, h) = dims("00");
+    image::GrayImage::new(w, h)
+        .save(masks.join("00.png"))
+        .unwrap();
+    let (w, h) = dims("01");
+    image::GrayImage::from_pixel(w, h, image::Luma([255]))
+        .save(masks.join("01.png"))
+        .unwrap();
+    let (w, h) = dims("02");
+    image::GrayImage::from_fn(w / 2, h, |x, _| {
+        image::Luma([if x < w / 4 { 255 } else { 0 }])
+    })
+    .save(masks.join("02.png"))
+    .unwrap();
+    let tok = attractor::assets::clip_tokenizer().unwrap();
+    let report = check_dataset(&data, &tok, &CheckOptions::default());
+    let lines: Vec<String> = report
+        .of_kind(ProblemKind::Mask)
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let o = bin()
+        .args(["train", "--model", "/nonexistent/model", "--data"])
+        .arg(&data)
+        .args(["--subject", "dog", "--method", "ti+", "--offline"])
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    for (line, what) in lines.iter().zip(["all black", "all white", "its image"]) {
+        assert!(line.contains(what), "{line}");
+        assert!(
+            err.contains(line.as_str()),
+            "train does not print {line:?}:\n{err}"
+        );
+    }
+    assert!(
+        err.contains("rerun: attractor masks --subject dog --force"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("/nonexistent/model"),
+        "no model was looked for: {err}"
+    );
+}
+
+fn tiny_clip() -> PathBuf {
+    fixtures().join("tiny-clip")
+}
+
+fn photo_train(photos: &Path, out: &Path, method: &str, extra: &[&str]) -> std::process::Output {
+    bin()
+        .args(["train", "--images"])
+        .arg(photos)
+        .args(["--class", "dog", "--method", method, "--model"])
+        .arg(tiny_model())
+        .args(["--resolution", "128", "--batch", "1", "--grad-accum", "1"])
+        .args(["--offline", "--out"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// `train --images DIR --holdout 1`: the middle photo becomes the test split (printed and
+/// recorded), is not trained on, and gives the held-out loss; the bad combinations are refused
+/// with the fix before any model loads.
+#[test]
+fn photo_holdout_gives_a_heldout_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = common::photo_folder(tmp.path(), "rex");
+    let run = tmp.path().join("run");
+    let o = photo_train(
+        &photos,
+        &run,
+        "ti",
+        &["--steps", "1", "--holdout", "1", "--heldout-every", "1"],
+    );
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("held out as test images (--holdout 1): b.jpg, training on the other 2"),
+        "{err}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["images"]["holdout"], serde_json::json!(["b.jpg"]));
+    assert_eq!(cfg["images"]["files"].as_object().unwrap().len(), 3);
+    let trained: Vec<&str> = cfg["train_images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        trained.len() == 2 && trained.iter().all(|p| !p.ends_with("b.jpg")),
+        "{trained:?}"
+    );
+    let m = metrics(&run);
+    let h = m[0]["heldout_loss"].as_f64().unwrap();
+    assert!(h.is_finite() && h > 0.0, "{m:?}");
+    for (extra, says) in [
+        (vec!["--holdout", "3"], "at most 2"),
+        (vec!["--heldout-every", "1"], "--holdout K"),
+        (vec!["--holdout", "0"], "--holdout"),
+    ] {
+        let mut args = vec!["--steps", "1"];
+        args.extend(extra);
+        let o = photo_train(&photos, &tmp.path().join("bad"), "ti", &args);
+        assert!(!o.status.success(), "{args:?} was accepted");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(says) && e.contains("--holdout"), "{args:?}: {e}");
+    }
+}
+
+/// `train --images` on a folder of three photos (a CMYK JPEG, an EXIF-rotated JPEG, a PNG):
+/// trains, records the folder and its fingerprint, resumes, samples, and evaluates with the
+/// classic protocol as labelled training-reference scores; the split-test protocol names why it
+/// cannot run; changed photos make resume refuse and eval warn.
+#[test]
+fn photo_folder_trains_resumes_samples_and_evaluates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = common::photo_folder(tmp.path(), "rex");
+    let run = tmp.path().join("run");
+    let o = photo_train(&photos, &run, "ti", &["--steps", "2", "--save-every", "1"]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("as subject `rex` (class dog, kind live"),
+        "{err}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["subject"], "rex");
+    let rec = &cfg["images"];
+    let canon = std::fs::canonicalize(&photos).unwrap();
+    assert_eq!(rec["dir"], canon.display().to_string());
+    assert_eq!(rec["kind"], "live");
+    let names: Vec<&str> = rec["files"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(names, ["a.jpg", "b.jpg", "c.png"]);
+    assert_eq!(rec["fingerprint"].as_str().unwrap().len(), 16);
+    assert_eq!(cfg["train_images"].as_array().unwrap().len(), 3);
+
+    // Resume continues from the checkpoint of step 2.
+    let resume = |steps: &str| {
+        bin()
+            .args(["train", "--resume"])
+            .arg(&run)
+            .args(["--steps", steps, "--offline"])
+            .output()
+            .unwrap()
+    };
+    ok(&resume("3"));
+    let steps: Vec<u64> = metrics(&run)
+        .iter()
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3]);
+
+    // Sampling works as on any run.
+    let samples = tmp.path().join("beach");
+    let o = bin()
+        .args(["sample", "--run"])
+        .arg(&run)
+        .args(["--prompt", "a photo of {} on a beach", "--steps", "2"])
+        .args(["--height", "64", "--width", "64", "--offline", "--model"])
+        .arg(tiny_model())
+        .arg("--out")
+        .arg(&samples)
+        .output()
+        .unwrap();
+    ok(&o);
+    let pngs = std::fs::read_dir(&samples)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "png")
+        })
+        .count();
+    assert_eq!(pngs, 1);
+
+    let eval = |extra: &[&str]| {
+        bin()
+            .args(["eval", "--run"])
+            .arg(&run)
+            // One eighth of the 25 classic prompts keeps it short.
+            .args([
+                "--samples",
+                "1",
+                "--steps",
+                "1",
+                "--shard",
+                "1/8",
+                "--offline",
+            ])
+            .arg("--clip")
+            .arg(tiny_clip())
+            .arg("--dino")
+            .arg(fixtures().join("tiny-dino"))
+            .arg("--out")
+            .arg(tmp.path().join("eval"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = eval(&["--split", "test"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no held-out test split") && err.contains("Fix: score it with --split train"),
+        "{err}"
+    );
+
+    // A changed photo: resume refuses, naming it; eval warns and scores the folder as it is.
+    image::RgbImage::from_pixel(80, 64, image::Rgb([9, 99, 199]))
+        .save(photos.join("c.png"))
+        .unwrap();
+    let o = resume("4");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("(changed c.png)") && err.contains("Fix:"),
+        "{err}"
+    );
+
+    let o = eval(&[]);
+    ok(&o);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        err.contains("warning: the photos in") && err.contains("changed c.png"),
+        "{err}"
+    );
+    let scored = std::fs::read_to_string(tmp.path().join("eval/results.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert!(scored > 0 && scored < 25, "{scored}");
+    assert!(
+        out.contains(&format!("classic (training-reference) n={scored} ")),
+        "{out}"
+    );
+    assert!(out.contains("note: training-reference scores"), "{out}");
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("eval/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(summary["test"].is_null());
+    assert_eq!(summary["train"]["overall"]["n"], scored);
+    assert!(summary["note"]
+        .as_str()
+        .unwrap()
+        .starts_with("training-reference scores"));
+    assert!(summary["config"]["data"]
+        .as_str()
+        .unwrap()
+        .starts_with("photos:"));
+}
+
+/// ti+ on a photo folder: the missing masks are made before training (SAM with random weights
+/// from a file, the tiny CLIP), one line each with its preview; the mask that exists is left
+/// as it is; `--masks-missing error` refuses instead; resume makes nothing.
+#[test]
+fn photo_folder_masks_are_made_on_demand_and_never_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = common::photo_folder(tmp.path(), "rex");
+    let sam = tmp.path().join("sam-random.safetensors");
+    common::random_sam(&Device::Cpu).0.save(&sam).unwrap();
+    let shape = attractor::data::masks::vit_shape(&sam).unwrap();
+    assert_eq!((shape.width, shape.depth, shape.heads), (16, 1, 1));
+    assert!(shape.global_blocks.is_empty());
+    // A hand-painted mask for a.jpg (96x96): kept byte for byte.
+    let masks = photos.join("masks");
+    std::fs::create_dir_all(&masks).unwrap();
+    image::GrayImage::from_fn(96, 96, |x, _| image::Luma([if x < 48 { 255 } else { 0 }]))
+        .save(masks.join("a.png"))
+        .unwrap();
+    let kept = bytes(&masks.join("a.png"));
+    let run = tmp.path().join("run");
+
+    let o = photo_train(
+        &photos,
+        &run,
+        "ti+",
+        &["--steps", "1", "--masks-missing", "error"],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("masks/b.png") && err.contains("masks/c.png") && !err.contains("masks/a.png"),
+        "{err}"
+    );
+    assert!(err.contains("leave out --masks-missing error"), "{err}");
+    assert!(!masks.join("b.png").exists());
+
+    let pipeline = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["--sam", sam.to_str().unwrap(), "--sam-model", "vit-b"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(["--clip".into(), tiny_clip().display().to_string()]);
+        v.extend(["--points-per-side".into(), "1".into()]);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let args = pipeline(&["--steps", "1", "--save-every", "1"]);
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = photo_train(&photos, &run, "ti+", &args);
+    ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let made: Vec<&str> = out.lines().filter(|l| l.contains("; preview ")).collect();
+    assert_eq!(made.len(), 2, "{out}");
+    assert!(
+        made[0].starts_with("b.jpg -> masks/b.png") && made[0].ends_with("masks/preview/b.jpg"),
+        "{out}"
+    );
+    assert!(made[1].starts_with("c.png -> masks/c.png"), "{out}");
+    assert_eq!(
+        bytes(&masks.join("a.png")),
+        kept,
+        "the existing mask is kept"
+    );
+    // Each mask has its photo's displayed size (EXIF rotation applied) and was accepted.
+    assert_eq!(
+        image::image_dimensions(masks.join("b.png")).unwrap(),
+        (72, 96)
+    );
+    assert_eq!(
+        image::image_dimensions(masks.join("c.png")).unwrap(),
+        (80, 64)
+    );
+    assert!(masks.join("preview/c.jpg").is_file());
+    assert!(run.join("attractors.safetensors").is_file());
+    let made_b = bytes(&masks.join("b.png"));
+
+    let args = pipeline(&["--steps", "2"]);
+    let o = bin()
+        .args(["train", "--resume"])
+        .arg(&run)
+        .args(["--offline"])
+        .args(&args)
+        .output()
+        .unwrap();
+    ok(&o);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("preview"));
+    assert_eq!(bytes(&masks.join("b.png")), made_b);
+    assert_eq!(metrics(&run).len(), 2);
 }
 
 #[test]
@@ -949,7 +1330,11 @@ fn baseline_bad_input_is_refused_with_the_fix() {
     let data = dataset(tmp.path(), false);
     let cache = tmp.path().join("cache");
     for (method, extra, says) in [
-        ("dreambooth-lora+", vec![], vec!["mask", "attractor masks"]),
+        (
+            "dreambooth-lora+",
+            vec!["--masks-missing", "error"],
+            vec!["mask", "attractor masks"],
+        ),
         (
             "custom-diffusion",
             vec!["--modifier-token", "<|endoftext|>"],

@@ -15,6 +15,11 @@
 # per schedule. The baselines generate class images for prior preservation once and cache them
 # in $ATTRACTOR_CACHE (default ~/.cache/attractor), shared by every run and subject of a class.
 #
+# The attractor methods need subject masks: `attractor train` makes the missing ones in
+# <dataset>/<subject>/masks/ before training (SAM + CLIP from the hub cache; parallel runs of
+# one subject may both make them, and a mask that exists is never replaced), so a sweep of
+# neti+ on the bundled benchmark needs no separate `attractor masks` step.
+#
 # The caller sets these arrays / variables before calling the functions:
 #   ATTRACTOR_CMD  the attractor executable (an array: e.g. (/path/attractor))
 #   COMMON_ARGS    flags for every verb (--model, --data, --device, --seed, --offline)
@@ -309,6 +314,9 @@ sweep_configure() {
     ((OPT_OFFLINE)) && COMMON_ARGS+=(--offline)
     TRAIN_ARGS=()
     [[ -n "$OPT_STEPS" ]] && TRAIN_ARGS+=(--steps "$OPT_STEPS")
+    # The attractor methods make missing subject masks before training (SAM candidates ranked
+    # by CLIP): the evaluation's CLIP ranks them too.
+    [[ -n "$OPT_CLIP" ]] && TRAIN_ARGS+=(--clip "$(sweep_abs_if_path "$OPT_CLIP")")
     TRAIN_ARGS+=("${EXTRA_TRAIN[@]}")
     EVAL_ARGS=(--split "$OPT_SPLIT")
     [[ -n "$OPT_SAMPLES" ]] && EVAL_ARGS+=(--samples "$OPT_SAMPLES")
@@ -347,7 +355,10 @@ SWEEP_COMMON_USAGE='  --out SWEEP_DIR        where runs/, logs/ and report/ go (
   --samples N            images per caption / prompt in the evaluation (attractor eval --samples)
   --eval-steps N         sampling steps of the evaluation (attractor eval --steps)
   --split S              evaluation protocol: test, train or both (default both)
-  --clip C, --dino D     evaluation scorers (attractor eval --clip / --dino)
+  --clip C, --dino D     evaluation scorers (attractor eval --clip / --dino); --clip also
+                         ranks the subject masks that ti+, neti+ and dreambooth-lora+ make
+                         before training where the dataset has none (attractor train
+                         --clip; SAM comes from the hub cache, or pass -- --sam FILE)
   --device D, --seed N, --offline
                          passed to every attractor command
   --train-args "..."     extra flags for attractor train (also: any flag not listed here,

@@ -5,8 +5,10 @@
 //! with the hidden `--case`/`--size` flags), so its peak memory is its own, and under an
 //! address-space limit, so a case that does not fit fails alone instead of waking the OOM killer.
 
+use super::ranges;
 use super::Common;
 use crate::bench::{self, BenchConfigs, Case, CaseResult};
+use crate::ranges::Range;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
@@ -21,17 +23,17 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub common: Common,
     /// Image sizes in pixels (multiples of 8), comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![256usize, 512])]
+    #[arg(long, value_delimiter = ',', default_values_t = vec![256usize, 512], value_parser = ranges::int(Range::MultipleOf8), allow_negative_numbers = true)]
     pub sizes: Vec<usize>,
     /// Cases to run, comma-separated: ti, neti, ti+, neti+, sample.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Case::DEFAULT.to_vec())]
     pub cases: Vec<Case>,
     /// Runs per case; the table reports the median.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub runs: usize,
     /// Untimed runs before them, in the same process (first touch of the weights, the
     /// allocator's growth), as `scripts/pytorch-bench.py` does; 0 times the cold first step too.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = ranges::int(Range::AtLeast(0)), allow_negative_numbers = true)]
     pub warmup: usize,
     /// Also write the results as JSON to this file.
     #[arg(long)]
@@ -44,13 +46,13 @@ pub struct BenchArgs {
     pub pytorch: Option<PathBuf>,
     /// Address-space limit of each case's process, in GiB (default: 90 % of the memory
     /// available when the case starts). A case over it fails as "out of memory".
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::float(Range::Positive), allow_negative_numbers = true)]
     pub max_memory_gb: Option<f64>,
     /// Internal: run this one case in this process and print its result as one JSON line.
     #[arg(long, value_enum, hide = true)]
     pub case: Option<Case>,
     /// Internal: the image size of `--case`.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, value_parser = ranges::int(Range::MultipleOf8), allow_negative_numbers = true)]
     pub size: Option<usize>,
 }
 
@@ -133,13 +135,40 @@ fn plus_ratios(rows: &[Row]) -> Vec<SizeRatio> {
         .collect()
 }
 
+/// The held-out evaluation's cost per image beside the training steps measured at the same
+/// size (`train --heldout-every N` adds it, times the test plus training images, every N steps).
+fn heldout_lines(rows: &[Row]) -> Vec<String> {
+    let median = |case: Case, size: usize| {
+        rows.iter()
+            .find(|r| r.case == case && r.size == size)
+            .and_then(|r| r.result.as_ref())
+            .map(|x| x.median_s)
+    };
+    rows.iter()
+        .filter(|r| r.case == Case::HeldOut)
+        .filter_map(|r| {
+            let h = r.result.as_ref()?.median_s;
+            let beside: Vec<String> = [Case::Ti, Case::TiPlus, Case::NetiPlus]
+                .into_iter()
+                .filter_map(|c| {
+                    median(c, r.size).map(|m| format!("{:.2} x a {} step", h / m, c.name()))
+                })
+                .collect();
+            Some(format!(
+                "held-out loss at {} px: {h:.2} s per image ({} UNet forwards){}",
+                r.size,
+                crate::personalize::heldout::TIMESTEPS,
+                if beside.is_empty() {
+                    String::new()
+                } else {
+                    format!(" = {}", beside.join(", "))
+                }
+            ))
+        })
+        .collect()
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
-    if args.runs == 0 {
-        bail!("--runs 0: give at least one run per case");
-    }
-    if let Some(&s) = args.sizes.iter().find(|&&s| s == 0 || s % 8 != 0) {
-        bail!("--sizes {s}: image sizes must be positive multiples of 8 (e.g. --sizes 256,512)");
-    }
     let measured = match &args.pytorch {
         Some(p) => read_pytorch(p)?,
         None => Vec::new(),
@@ -220,6 +249,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "neti+ / ti+ step time at {} px: {:.2} (goal: at most 1.3{beside})",
             r.size, r.ratio
         )?;
+    }
+    for line in heldout_lines(&report.rows) {
+        writeln!(out, "{line}")?;
     }
     if let Some(p) = &args.json {
         crate::files::atomic_write(p, serde_json::to_string_pretty(&report)?.as_bytes())
@@ -511,11 +543,15 @@ mod tests {
 
     #[test]
     fn bad_flags_are_rejected() {
-        let w = Wrap::try_parse_from(["x", "--sizes", "250"]).unwrap();
-        let e = run(&w.b).unwrap_err().to_string();
-        assert!(e.contains("--sizes 250"), "{e}");
-        let w = Wrap::try_parse_from(["x", "--runs", "0"]).unwrap();
-        assert!(run(&w.b).unwrap_err().to_string().contains("--runs"));
+        // At parse time, before any case starts (see cli::ranges for every flag's range).
+        let e = Wrap::try_parse_from(["x", "--sizes", "256,250"])
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("--sizes 250: expected"), "{e}");
+        let e = Wrap::try_parse_from(["x", "--runs", "0"])
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("--runs 0: expected"), "{e}");
     }
 
     fn row(case: Case, size: usize, median_s: Option<f64>) -> Row {

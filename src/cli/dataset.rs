@@ -1,8 +1,10 @@
 //! `attractor dataset check [DIR]` and `attractor dataset new SRC OUT --test N`: console front of
 //! [`crate::data::check`].
 
+use crate::cli::ranges;
 use crate::data::check::{self, CheckOptions, ProblemKind};
 use crate::data::Dataset;
+use crate::ranges::Range;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -29,7 +31,7 @@ pub struct CheckArgs {
     pub dir: Option<PathBuf>,
     /// Perceptual-hash distance (of 256 bits) at or below which a test image counts as a copy
     /// of a training image.
-    #[arg(long, default_value_t = check::DEFAULT_LEAK_THRESHOLD)]
+    #[arg(long, default_value_t = check::DEFAULT_LEAK_THRESHOLD, value_parser = ranges::int32(Range::Between(0, check::HASH_BITS as u64)), allow_negative_numbers = true)]
     pub leak_threshold: u32,
     /// A CLIP `tokenizer.json` to count caption tokens with (default: the one built in).
     #[arg(long)]
@@ -43,7 +45,7 @@ pub struct NewArgs {
     /// The dataset folder to create (must not exist, or be empty).
     pub out: PathBuf,
     /// How many photos per subject (the last ones by file name) become the test split.
-    #[arg(long = "test", default_value_t = 2)]
+    #[arg(long = "test", default_value_t = 2, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub n_test: usize,
 }
 

@@ -15,6 +15,7 @@
 //! This file resolves flags into [`EvalSettings`] and owns the console output; the protocol,
 //! store and summary live in `crate::eval`.
 
+use super::ranges;
 use super::Common;
 use crate::data::layout::Dataset;
 use crate::eval::checkpoints::{
@@ -30,6 +31,7 @@ use crate::eval::{
 use crate::hub::ModelSource;
 use crate::personalize::generate::learned_file_names;
 use crate::personalize::trainer::RunInfo;
+use crate::ranges::Range;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Subcommand, ValueEnum};
@@ -66,7 +68,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub images: Option<PathBuf>,
     /// Images per caption (split-test) or per prompt (classic).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub samples: usize,
     /// Evaluate only part i of n (1 <= i <= n) of the jobs; join the parts with `eval merge`.
     #[arg(long)]
@@ -84,10 +86,10 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value_t = ClipTSubject::Class)]
     pub clip_t_subject: ClipTSubject,
     /// Sampling steps (default: the sampler's, 50).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub steps: Option<usize>,
     /// Classifier-free guidance scale (default 7.5).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::float(Range::NonNegative), allow_negative_numbers = true)]
     pub guidance: Option<f64>,
     /// Sampler (default ddim).
     #[arg(long, value_enum)]
@@ -149,16 +151,7 @@ fn open_base(
     run_dir: &Path,
     opts: &GenerationOptions,
 ) -> Result<(std::sync::Arc<crate::pipeline::StableDiffusion>, RunInfo)> {
-    let cfg = run_dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg).with_context(|| {
-        format!(
-            "--run {}: {} not found; pass a folder written by `attractor train --out`",
-            run_dir.display(),
-            cfg.display()
-        )
-    })?;
-    let info: RunInfo = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a training run's config", cfg.display()))?;
+    let info = read_run_info(run_dir)?;
     let model = opts
         .model
         .clone()
@@ -167,6 +160,68 @@ fn open_base(
     let files = crate::hub::resolve_sd(&source, opts.offline)?;
     let sd = crate::pipeline::StableDiffusion::open(&files, &opts.device, opts.dtype)?;
     Ok((std::sync::Arc::new(sd), info))
+}
+
+/// A run folder's `config.json`.
+fn read_run_info(run_dir: &Path) -> Result<RunInfo> {
+    let cfg = run_dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg).with_context(|| {
+        format!(
+            "--run {}: {} not found; pass a folder written by `attractor train --out`",
+            run_dir.display(),
+            cfg.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a training run's config", cfg.display()))
+}
+
+/// What a run is scored on, and how: a run on a plain photo folder (`train --images`) is scored
+/// against its own photos with the classic protocol (its only one: there is no test split), with
+/// a warning when the folder no longer holds the photos it was trained on; any other run on the
+/// `--data` dataset (default the bundled benchmark) with the `--split` protocol(s).
+fn run_input(args: &EvalArgs, info: &RunInfo, run_dir: &Path) -> Result<(Dataset, EvalSettings)> {
+    let mut settings = args.settings();
+    let Some(photos) = &info.images else {
+        return Ok((dataset(&args.common)?, settings));
+    };
+    if let Some(split @ (Split::Test | Split::Both)) = args.split {
+        bail!(
+            "--split {split}: {} was trained on a plain folder of photos ({}), which has no held-out test split, so the split-test protocol has no test images to score against. Fix: score it with --split train (training-reference scores: its own photos as the references), or build a split-test dataset from the photos with `attractor dataset new SRC OUT --test N` (N photos set aside as the test split, with captions) and train on it with --data OUT --subject NAME",
+            run_dir.display(),
+            photos.dir
+        );
+    }
+    if let Some(d) = &args.common.data {
+        bail!(
+            "--data {}: {} was trained on the photos in {} and is scored against them; leave out --data",
+            d.display(),
+            run_dir.display(),
+            photos.dir
+        );
+    }
+    settings.split = Split::Train;
+    let dataset = photos
+        .open()
+        .with_context(|| format!("{}: its photo folder", run_dir.display()))?;
+    let subject = dataset.subject(&info.subject)?;
+    let changed = photos.changes(&subject)?;
+    if !changed.is_empty() {
+        eprintln!(
+            "warning: the photos in {} are not the ones {} was trained on ({}); the scores compare with the folder as it is now",
+            photos.dir,
+            run_dir.display(),
+            changed.join(", ")
+        );
+    }
+    eprintln!(
+        "{}: trained on the {} photos in {}; scoring with the classic protocol: {}",
+        run_dir.display(),
+        subject.train_images.len(),
+        photos.dir,
+        crate::eval::summary::TRAINING_REFERENCE_NOTE
+    );
+    Ok((dataset, settings))
 }
 
 /// The generator of a run's learned files with `suffix` (`""`: final, `-steps-N`: step N).
@@ -365,11 +420,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         bail!("eval: pass one of --run RUN_DIR, --runs DIR, --images DIR or --checkpoints RUN_DIR (see `attractor eval --help`)");
     }
     let settings = args.settings();
-    let dataset = dataset(&args.common)?;
     let device = args.common.device()?;
     let offline = args.common.offline();
     let (clip, dino) = args.sources()?;
     if let Some(dir) = &args.images {
+        let dataset = dataset(&args.common)?;
         let out = args.common.out.clone().ok_or_else(|| {
             anyhow!(
                 "eval --images: pass --out DIR for the results (a new folder, or one to resume)"
@@ -421,7 +476,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         offline,
     };
     if let Some(run_dir) = &args.checkpoints {
-        return checkpoints(args, run_dir, &dataset, &opts, (&clip, &dino));
+        let (dataset, settings) = run_input(args, &read_run_info(run_dir)?, run_dir)?;
+        return checkpoints(args, run_dir, &dataset, &settings, &opts, (&clip, &dino));
     }
     let runs: Vec<PathBuf> = match (&args.run, &args.runs) {
         (Some(r), _) => vec![r.clone()],
@@ -441,6 +497,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     };
     let mut scorers: Option<Scorers> = None;
     for run_dir in &runs {
+        let (dataset, settings) = run_input(args, &read_run_info(run_dir)?, run_dir)?;
         let mut opened = open_run(run_dir, &opts)?;
         let subjects = match &args.common.subject {
             Some(_) => subjects(&args.common, &dataset),
@@ -496,6 +553,7 @@ fn checkpoints(
     args: &EvalArgs,
     run_dir: &Path,
     dataset: &Dataset,
+    settings: &EvalSettings,
     opts: &GenerationOptions,
     (clip, dino): (&ModelSource, &ModelSource),
 ) -> Result<()> {
@@ -514,12 +572,11 @@ fn checkpoints(
         .iter()
         .map(|(n, _)| Ok((*n, step_suffix(run_dir, &info, *n, last)?)))
         .collect::<Result<Vec<_>>>()?;
-    let settings = args.settings();
     let subjects = match &args.common.subject {
         Some(_) => subjects(&args.common, dataset),
         None => vec![info.subject.clone()],
     };
-    crate::eval::protocol::build_jobs(&settings, dataset, &subjects, &|_| None)?;
+    crate::eval::protocol::build_jobs(settings, dataset, &subjects, &|_| None)?;
     let out = args
         .common
         .out
@@ -532,7 +589,7 @@ fn checkpoints(
         let step_out = out.join(format!("step-{step}"));
         let (bar, mut update) = progress_bar(format!("eval step {step}/{last}"));
         let summary = run_protocol_with_progress(
-            &settings,
+            settings,
             dataset,
             &subjects,
             opened.generator.as_mut(),

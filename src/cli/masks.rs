@@ -20,27 +20,137 @@ pub struct MasksArgs {
     /// Mask every subject of the dataset (instead of --subject NAME[,NAME...]).
     #[arg(long)]
     pub all: bool,
-    /// SAM weights: a safetensors file, or a folder holding the --sam-model file (default: the
-    /// hub repo lmz/candle-sam, from the Hugging Face cache first).
-    #[arg(long)]
-    pub sam: Option<PathBuf>,
-    /// Which SAM: `tiny` (MobileSAM, mobile_sam-tiny-vitt.safetensors) or `vit-b`
-    /// (sam_vit_b_01ec64.safetensors).
-    #[arg(long, default_value = "tiny", value_parser = clap::value_parser!(SamVariantArg))]
-    pub sam_model: SamVariantArg,
-    /// CLIP for ranking: a local folder or a hub repo id (`repo@revision`).
-    #[arg(long, default_value = CLIP_REPO)]
-    pub clip: String,
-    /// SAM prompt grid: points per side (points_per_side^2 prompts per image; on a CPU each
-    /// prompt costs ~0.5 s).
-    #[arg(long, default_value_t = 8)]
-    pub points_per_side: usize,
+    #[command(flatten)]
+    pub models: MaskModelArgs,
     /// The text candidates are ranked against; `{}` = the subject's class.
     #[arg(long, default_value = "a photo of a {}")]
     pub prompt: String,
     /// Overwrite existing masks.
     #[arg(long)]
     pub force: bool,
+}
+
+/// Which SAM and CLIP make masks: the flags `attractor masks` and `attractor train` (masks made
+/// on demand) share.
+#[derive(Args, Debug, Clone)]
+pub struct MaskModelArgs {
+    /// SAM weights: a safetensors file, or a folder holding the --sam-model file (default: the
+    /// hub repo lmz/candle-sam, from the Hugging Face cache first).
+    #[arg(long)]
+    pub sam: Option<PathBuf>,
+    /// Which SAM: `tiny` (MobileSAM, mobile_sam-tiny-vitt.safetensors) or `vit-b`
+    /// (sam_vit_b_01ec64.safetensors; any ViT SAM file, its shape read from the file).
+    #[arg(long, default_value = "tiny", value_parser = clap::value_parser!(SamVariantArg))]
+    pub sam_model: SamVariantArg,
+    /// CLIP that ranks SAM's candidate masks: a local folder or a hub repo id
+    /// (`repo@revision`).
+    #[arg(long, default_value = CLIP_REPO)]
+    pub clip: String,
+    /// SAM prompt grid: points per side (points_per_side^2 prompts per image; on a CPU each
+    /// prompt costs ~0.5 s).
+    #[arg(long, default_value_t = 8, value_parser = super::ranges::int(crate::ranges::Range::AtLeast(1)), allow_negative_numbers = true)]
+    pub points_per_side: usize,
+}
+
+impl Default for MaskModelArgs {
+    fn default() -> Self {
+        Self {
+            sam: None,
+            sam_model: SamVariantArg(SamVariant::Tiny),
+            clip: CLIP_REPO.into(),
+            points_per_side: 8,
+        }
+    }
+}
+
+/// SAM and CLIP, loaded.
+pub struct MaskModels {
+    pub seg: SamSegmenter,
+    pub clip: ClipScorer,
+    /// `SAM <variant> from <file>, CLIP from <source>`, for the console.
+    pub described: String,
+}
+
+impl MaskModelArgs {
+    /// Load SAM and CLIP as the flags say, from the cache or the hub (never the network with
+    /// --offline or HF_HUB_OFFLINE=1, the SD weights' rule).
+    pub fn load(&self, common: &Common) -> Result<MaskModels> {
+        let device = common.device()?;
+        let offline = common.offline();
+        let variant = self.sam_model.0;
+        let sam_path = sam_weights(self.sam.as_deref(), variant, offline).context("--sam")?;
+        let seg = SamSegmenter::load(&sam_path, variant, &device)?;
+        let default_rev = if self.clip == CLIP_REPO {
+            CLIP_REVISION
+        } else {
+            "main"
+        };
+        let clip_src = ModelSource::parse(&self.clip, default_rev)
+            .map_err(|e| anyhow!(e))
+            .context("--clip")?;
+        let clip = ClipScorer::load(&clip_src, &device, offline)?;
+        Ok(MaskModels {
+            seg,
+            clip,
+            described: format!(
+                "SAM {variant} from {}, CLIP from {clip_src}",
+                sam_path.display()
+            ),
+        })
+    }
+
+    /// The pipeline's settings with these flags.
+    pub fn options(&self, prompt: &str, force: bool) -> MaskOptions {
+        MaskOptions {
+            candidates: CandidateOptions {
+                points_per_side: self.points_per_side,
+                ..CandidateOptions::default()
+            },
+            prompt: prompt.to_string(),
+            force,
+            ..MaskOptions::default()
+        }
+    }
+}
+
+/// Mask `subject`'s training images (the missing ones unless `opts.force`), printing one line
+/// per image with `rel` paths: what was made and its preview, or that an existing mask was kept
+/// (only when `print_kept`). Returns how many masks came from low-confidence proposals.
+pub fn make_masks(
+    subject: &crate::data::Subject,
+    models: &mut MaskModels,
+    opts: &MaskOptions,
+    rel: &dyn Fn(&Path) -> String,
+    print_kept: bool,
+) -> Result<usize> {
+    let mut relaxed = 0;
+    mask_subject(subject, &models.seg, &mut models.clip, opts, &mut |o| match &o.result {
+        None if print_kept => println!("{}: exists, kept (--force redoes it)", rel(&o.mask_path)),
+        None => {}
+        Some(r) => {
+            if r.relaxed {
+                relaxed += 1;
+            }
+            println!(
+                "{} -> {}: subject {:.1} % of the image, CLIP {:.3}, {} of {} candidates{}; preview {}",
+                rel(&o.image),
+                rel(&o.mask_path),
+                r.coverage * 100.0,
+                r.score,
+                r.merged,
+                r.candidates,
+                if r.relaxed { " (low SAM confidence: check it)" } else { "" },
+                rel(&o.preview_path)
+            )
+        }
+    })
+    .with_context(|| format!("masks for subject `{}`", subject.name))?;
+    Ok(relaxed)
+}
+
+/// The closing advice after masks were made from low-confidence proposals.
+pub fn relaxed_note(relaxed: usize) -> Option<String> {
+    (relaxed > 0).then(|| format!("{relaxed} mask(s) came from low-confidence SAM proposals: look at their previews and repaint any that miss the subject"))
 }
 
 /// [`SamVariant`] for clap (the library stays free of clap).
@@ -119,62 +229,18 @@ pub fn run(args: &MasksArgs) -> Result<()> {
         return Ok(());
     }
 
-    let device = args.common.device()?;
-    let offline = args.common.offline();
-    let variant = args.sam_model.0;
-    let sam_path = sam_weights(args.sam.as_deref(), variant, offline).context("--sam")?;
-    let seg = SamSegmenter::load(&sam_path, variant, &device)?;
-    let default_rev = if args.clip == CLIP_REPO {
-        CLIP_REVISION
-    } else {
-        "main"
-    };
-    let clip_src = ModelSource::parse(&args.clip, default_rev)
-        .map_err(|e| anyhow!(e))
-        .context("--clip")?;
-    let mut clip = ClipScorer::load(&clip_src, &device, offline)?;
-    println!(
-        "SAM {variant} from {}, CLIP from {clip_src}: {todo} image(s) to mask",
-        sam_path.display()
-    );
-
-    let opts = MaskOptions {
-        candidates: CandidateOptions {
-            points_per_side: args.points_per_side,
-            ..CandidateOptions::default()
-        },
-        prompt: args.prompt.clone(),
-        force: args.force,
-        ..MaskOptions::default()
-    };
+    let mut models = args.models.load(&args.common)?;
+    println!("{}: {todo} image(s) to mask", models.described);
+    let opts = args.models.options(&args.prompt, args.force);
     let rel = |p: &Path| p.strip_prefix(&ds.dir).unwrap_or(p).display().to_string();
     let mut relaxed = 0;
     for s in &subjects {
         let start = std::time::Instant::now();
-        mask_subject(s, &seg, &mut clip, &opts, &mut |o| match &o.result {
-            None => println!("{}: exists, kept (--force redoes it)", rel(&o.mask_path)),
-            Some(r) => {
-                if r.relaxed {
-                    relaxed += 1;
-                }
-                println!(
-                    "{} -> {}: subject {:.1} % of the image, CLIP {:.3}, {} of {} candidates{}; preview {}",
-                    rel(&o.image),
-                    rel(&o.mask_path),
-                    r.coverage * 100.0,
-                    r.score,
-                    r.merged,
-                    r.candidates,
-                    if r.relaxed { " (low SAM confidence: check it)" } else { "" },
-                    rel(&o.preview_path)
-                )
-            }
-        })
-        .with_context(|| format!("masks for subject `{}`", s.name))?;
+        relaxed += make_masks(s, &mut models, &opts, &rel, true)?;
         println!("{}: done in {:.1} s", s.name, start.elapsed().as_secs_f64());
     }
-    if relaxed > 0 {
-        println!("{relaxed} mask(s) came from low-confidence SAM proposals: look at their previews and repaint any that miss the subject");
+    if let Some(note) = relaxed_note(relaxed) {
+        println!("{note}");
     }
     println!("look through the previews (masks/preview/*.jpg), then run: attractor dataset check");
     Ok(())

@@ -13,6 +13,7 @@ pub mod dataset;
 pub mod eval;
 pub mod fetch;
 pub mod masks;
+pub mod ranges;
 pub mod report;
 pub mod sample;
 pub mod train;
@@ -137,8 +138,9 @@ pub struct Cli {
 pub enum Verb {
     /// Generate images from a prompt (optionally with a learned subject).
     Sample(sample::SampleArgs),
-    /// Learn a subject token (ti, ti+, neti, neti+).
-    Train(train::TrainArgs),
+    /// Learn a subject: a token (ti, ti+, neti, neti+) or model weights (the baselines).
+    // Boxed: its many flags make it several times the size of the other verbs.
+    Train(Box<train::TrainArgs>),
     /// Find (and download unless --offline) the SD 1.5 weights --model names.
     Fetch(fetch::FetchArgs),
     /// Validate a split-test dataset (`check`) or build one from folders of photos (`new`).

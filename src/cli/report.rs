@@ -6,9 +6,11 @@
 //! attractor report SWEEP_DIR [--out DIR] [--grid-images 4] [--thumb 128]
 //! ```
 
+use super::ranges;
 use super::Common;
+use crate::ranges::Range;
 use crate::report::{write_report, ReportOptions};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -21,18 +23,15 @@ pub struct ReportArgs {
     /// --out` wrote): every `summary.json` below it is read.
     pub sweep_dir: PathBuf,
     /// Generated images per (method, schedule, subject) in the page's sample grid.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub grid_images: usize,
     /// Longest edge of the sample thumbnails, in pixels.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = ranges::int32(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub thumb: u32,
 }
 
 /// Run `attractor report` (output: `--out`, default SWEEP_DIR/report).
 pub fn run(args: &ReportArgs) -> Result<()> {
-    if args.thumb == 0 {
-        bail!("--thumb 0: thumbnails need at least 1 pixel");
-    }
     let out = args
         .common
         .out

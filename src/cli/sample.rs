@@ -1,9 +1,11 @@
 //! `attractor sample`: generate images from a prompt, optionally with a learned subject
 //! (`--run RUN_DIR`, `{}` in the prompt stands for it).
 
+use super::ranges;
 use super::Common;
 use crate::hub::{self, ModelSource};
 use crate::pipeline::{SampleSettings, StableDiffusion};
+use crate::ranges::Range;
 use crate::sd::samplers::SamplerKind;
 use anyhow::{Context, Result};
 use candle_core::DType;
@@ -22,30 +24,30 @@ pub struct SampleArgs {
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
     /// Sampler steps.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub steps: usize,
     /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, value_parser = ranges::float(Range::NonNegative), allow_negative_numbers = true)]
     pub guidance: f64,
     #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
     pub sampler: SamplerKind,
     /// How many images (image i uses seed + i).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub num_images: usize,
     /// Image height in pixels (default: the UNet config's sample_size x 8, 512 for SD 1.5).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::MultipleOf8), allow_negative_numbers = true)]
     pub height: Option<usize>,
     /// Image width in pixels (default as --height).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::MultipleOf8), allow_negative_numbers = true)]
     pub width: Option<usize>,
     /// A training run folder (what `train --out` wrote): sample its learned subject.
     #[arg(long)]
     pub run: Option<PathBuf>,
     /// NeTI: zero the mapper's hidden units from this index on (fewer = more editable).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::Between(1, crate::personalize::neti::HIDDEN as u64)), allow_negative_numbers = true)]
     pub truncation: Option<usize>,
     /// Sample attractor K's learned background instead of the subject (`{}` -> `<aK*>`).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(0)), allow_negative_numbers = true)]
     pub attractor: Option<usize>,
     /// Apply a LoRA file (diffusers, peft or kohya/A1111 layout, made by attractor or another
     /// tool) at strength SCALE (default 1), folded into the weights; repeatable.

@@ -1,15 +1,17 @@
 //! `attractor train`: learn a subject with ti, ti+, neti or neti+ (SPEC.md §3-5), with
 //! checkpoints that resume exactly.
 
+use super::ranges;
 use super::sample::{load_model_in, progress};
 use super::Common;
-use crate::data::layout::Dataset;
+use crate::data::layout::{Dataset, Kind};
 use crate::personalize::generate::LearnedSubject;
 use crate::personalize::heldout::{BestTracker, HeldOut};
 use crate::personalize::method::{Method, Schedule};
 use crate::personalize::settings::TrainSettings;
 use crate::personalize::trainer::{BestStep, RunInfo, Trainer};
 use crate::pipeline::SampleSettings;
+use crate::ranges::Range;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::Args;
@@ -23,31 +25,31 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub method: Option<Method>,
     /// Optimizer steps in total (default: ti 5000, neti 1000). With --resume: continue up to this.
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub steps: Option<usize>,
     /// Save a checkpoint every N steps (default 500).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub save_every: Option<usize>,
     /// Continue the run in this folder from its last checkpoint.
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Images per micro-batch (default 2).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub batch: Option<usize>,
     /// Micro-batches per optimizer step (default: ti 1, neti 4).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub grad_accum: Option<usize>,
     /// Base learning rate, scaled by batch x grad-accum unless --no-scale-lr.
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::float(Range::Positive), allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Use --lr as given.
     #[arg(long)]
     pub no_scale_lr: bool,
     /// Training resolution in pixels (default 512).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::MultipleOf8), allow_negative_numbers = true)]
     pub resolution: Option<usize>,
     /// Textual Inversion vectors for the subject (default 1).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub num_vectors: Option<usize>,
     /// Initializer (TI) / super-category (NeTI) word: one token.
     #[arg(long)]
@@ -56,18 +58,18 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub schedule: Option<Schedule>,
     /// Weight w_c of the contrastive loss (default 0.1).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::float(Range::NonNegative), allow_negative_numbers = true)]
     pub contrastive_weight: Option<f64>,
     /// InfoNCE temperature (default 0.07).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::float(Range::Positive), allow_negative_numbers = true)]
     pub tau: Option<f64>,
     /// Write validation images every N steps (0 = off).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(0)), allow_negative_numbers = true)]
     pub validate_every: Option<usize>,
     /// Evaluate the held-out loss every N steps (0 = off): the noise-prediction loss on the
     /// subject's test images at fixed timesteps and noise (SPEC.md §9), and on its training
     /// images beside it, logged in metrics.jsonl as heldout_loss and train_ref_loss.
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(0)), allow_negative_numbers = true)]
     pub heldout_every: Option<usize>,
     /// Keep the learned files of the step with the lowest held-out loss as RUN/best/ (`sample
     /// --run RUN/best`, `eval --run RUN/best`); needs --heldout-every.
@@ -75,7 +77,7 @@ pub struct TrainArgs {
     pub keep_best: bool,
     /// Stop after P held-out evaluations without a lower loss, saving as at the end of
     /// training; needs --heldout-every.
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub early_stop: Option<usize>,
     /// DreamBooth's subject word (default `sks`; a rare single CLIP token).
     #[arg(long)]
@@ -87,26 +89,26 @@ pub struct TrainArgs {
     #[arg(long)]
     pub class_prompt: Option<String>,
     /// Class images generated for prior preservation (default 200; 0 = none).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(0)), allow_negative_numbers = true)]
     pub prior_images: Option<usize>,
     /// Weight of the prior loss (default 1.0).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::float(Range::NonNegative), allow_negative_numbers = true)]
     pub prior_loss_weight: Option<f64>,
     /// Sampler steps of the generated class images (default 50).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub prior_steps: Option<usize>,
     /// Fine-tune the text encoder too (dreambooth: all of it; dreambooth-lora: LoRA on its
     /// attention projections).
     #[arg(long)]
     pub train_text_encoder: bool,
     /// LoRA rank (default 4).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub lora_rank: Option<usize>,
     /// LoRA alpha (default: the rank).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::float(Range::Positive), allow_negative_numbers = true)]
     pub lora_alpha: Option<f64>,
     /// Clip the gradients' total norm (weight-training methods; default 1.0, 0 = off).
-    #[arg(long)]
+    #[arg(long, value_parser = ranges::float(Range::NonNegative), allow_negative_numbers = true)]
     pub max_grad_norm: Option<f64>,
     /// Recompute each UNet block in the backward pass (less memory for the full fine-tune).
     #[arg(long)]
@@ -114,6 +116,33 @@ pub struct TrainArgs {
     /// Custom Diffusion's modifier token (default `<new1>`).
     #[arg(long)]
     pub modifier_token: Option<String>,
+    /// Train on a plain folder of photos (jpg, png, webp, bmp, tiff; EXIF rotation applied)
+    /// instead of a dataset subject: no captions, no test split; needs --class. The subject is
+    /// named after the folder; masks go to DIR/masks/.
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// With --images: what the photos show, e.g. dog or backpack (initialises the token,
+    /// fills the evaluation prompts).
+    #[arg(long, value_name = "WORD")]
+    pub class: Option<String>,
+    /// With --images: the classic protocol's prompt list that scores the run, `live` or
+    /// `object` (default: live for the classes cat and dog, as in the DreamBooth benchmark).
+    #[arg(long, value_enum)]
+    pub kind: Option<Kind>,
+    /// With --images: the folder of the photos' masks (default DIR/masks; masks made on
+    /// demand go there too).
+    #[arg(long, value_name = "DIR")]
+    pub masks: Option<PathBuf>,
+    /// With --images: set K photos aside as the test split of the held-out loss
+    /// (--heldout-every); they are not trained on. Which ones is printed and recorded.
+    #[arg(long, value_name = "K", value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
+    pub holdout: Option<usize>,
+    /// When an attractor method (ti+, neti+, dreambooth-lora+) finds training images without a
+    /// mask: `make` them with SAM + CLIP first (existing masks are never replaced), or `error`.
+    #[arg(long, value_enum, default_value_t = MasksMissing::Make)]
+    pub masks_missing: MasksMissing,
+    #[command(flatten)]
+    pub mask_models: super::masks::MaskModelArgs,
 }
 
 /// Flags over TOML over defaults: the settings this command runs with.
@@ -363,7 +392,7 @@ fn train_dtype(common: &Common, prior: Option<&RunInfo>) -> Result<DType> {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let (out, settings, prior) = match &args.resume {
+    let (out, settings, prior, opened) = match &args.resume {
         Some(run) => {
             let cfg = run.join("config.json");
             let text = std::fs::read_to_string(&cfg).with_context(|| {
@@ -382,16 +411,15 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             if let Some(v) = args.save_every {
                 s.save_every = v;
             }
+            if args.images.is_some() {
+                bail!("--resume {}: the run knows its photos; leave out --images (and --class, --kind, --masks, --holdout)", run.display());
+            }
             apply_heldout_flags(args, &mut s);
-            (run.clone(), s, Some(info))
+            (run.clone(), s, Some(info), None)
         }
         None => {
             let s = resolve_settings(args)?;
-            let subject = args.common.subject.clone().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--subject is required (a folder of the dataset, e.g. --subject dog)"
-                )
-            })?;
+            let (dataset, subject) = new_input(args)?;
             let out = args.common.out.clone().unwrap_or_else(|| {
                 PathBuf::from(format!(
                     "runs/{subject}-{}",
@@ -405,30 +433,56 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                     out.display()
                 );
             }
-            (out, s, None)
+            (out, s, None, Some((dataset, subject)))
         }
     };
-    let resolved = settings.resolve()?;
-    let dataset = match (&prior, &args.common.data) {
-        (Some(info), _) => Dataset::open(&info.dataset)?,
-        (None, Some(d)) => Dataset::open(d)?,
-        (None, None) => Dataset::open_default()?,
-    };
-    let subject_name = match &prior {
-        Some(info) => info.subject.clone(),
-        None => args.common.subject.clone().unwrap_or_default(),
+    let resolved =
+        settings
+            .resolve()
+            .with_context(|| match (&args.resume, &args.common.config) {
+                (Some(run), _) => format!("--resume {}: config.json", run.display()),
+                (None, Some(p)) => format!("--config {} (or a flag)", p.display()),
+                (None, None) => "the training settings".into(),
+            })?;
+    let (dataset, subject_name) = match (&prior, opened) {
+        (_, Some(opened)) => opened,
+        (Some(info), None) => (run_dataset(info, &out)?, info.subject.clone()),
+        (None, None) => bail!("internal: a new run without its input"),
     };
     let subject = dataset.subject(&subject_name)?;
+    if let (Some(info), Some(photos)) = (&prior, &prior.as_ref().and_then(|i| i.images.clone())) {
+        let changed = photos.changes(&subject)?;
+        if !changed.is_empty() {
+            bail!(
+                "--resume {}: the photos in {} are not the ones this run began with ({}); a resumed run must see the same photos (its attractor tokens and epoch order are per photo). Fix: restore them, or start a new run on the folder as it is now with `attractor train --images {} --class {} --out NEW_DIR`",
+                out.display(),
+                photos.dir,
+                changed.join(", "),
+                photos.dir,
+                info.class_word
+            );
+        }
+    }
+    let photo_record = match dataset.photos {
+        Some(_) => Some(crate::data::photos::PhotoSource::record(
+            &dataset, &subject,
+        )?),
+        None => None,
+    };
     let mut common = args.common.clone();
     if let Some(info) = &prior {
         if common.model.is_none() {
             common.model = Some(info.model.trim_end_matches("@main").to_string());
         }
     }
+    if resolved.s.method.uses_attractor() && args.masks_missing == MasksMissing::Make {
+        make_missing_masks(&args.mask_models, &common, &subject, &dataset.dir)?;
+    }
     check_input(&resolved, &subject, &dataset.dir)?;
     let mut sd = load_model_in(&common, train_dtype(&common, prior.as_ref())?)?;
     let class_images = prepare_baseline(&mut sd, &resolved, &subject)?;
     let mut trainer = Trainer::new(&sd, resolved.clone(), &subject, &dataset.dir)?;
+    trainer.info.images = photo_record;
     trainer.set_class_images(&class_images)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let metrics = out.join("metrics.jsonl");
@@ -614,6 +668,137 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The dataset and subject of a new run: a plain photo folder (`--images DIR --class WORD`) or
+/// a subject of a split-test dataset (`--data`, default the bundled benchmark, `--subject`).
+fn new_input(args: &TrainArgs) -> Result<(Dataset, String)> {
+    let Some(dir) = &args.images else {
+        if args.class.is_some() || args.kind.is_some() || args.masks.is_some() {
+            bail!("--class, --kind and --masks go with --images DIR (a folder of photos); a dataset subject has them in subjects.json and <subject>/masks/");
+        }
+        if args.holdout.is_some() {
+            bail!("--holdout goes with --images DIR (a folder of photos); a dataset subject's test split is its test/ folder");
+        }
+        let dataset = match &args.common.data {
+            Some(d) => Dataset::open(d)?,
+            None => Dataset::open_default()?,
+        };
+        let subject = args.common.subject.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "--subject is required (a folder of the dataset, e.g. --subject dog), or train on a folder of photos with --images DIR --class WORD"
+            )
+        })?;
+        return Ok((dataset, subject));
+    };
+    if args.common.subject.is_some() || args.common.data.is_some() {
+        bail!(
+            "--images {} trains on that folder of photos; leave out --subject and --data (they name a split-test dataset's subject)",
+            dir.display()
+        );
+    }
+    let class = args.class.as_deref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "--images {}: say what the photos show with --class WORD (e.g. --class dog): it initialises the learned token and fills the evaluation prompts",
+            dir.display()
+        )
+    })?;
+    let kind = args.kind.unwrap_or_else(|| Kind::guess(class));
+    let dataset = Dataset::from_photos(dir, class, kind, args.masks.clone())?
+        .holding_out(args.holdout.unwrap_or(0));
+    let name = dataset.subject_names()[0].to_string();
+    let subject = dataset.subject(&name)?;
+    let held = if subject.test_images.is_empty() {
+        "no test split, so `attractor eval --run` gives training-reference scores".to_string()
+    } else {
+        let names: Vec<String> = subject
+            .test_images
+            .iter()
+            .map(|p| crate::data::layout::file_name(p))
+            .collect();
+        format!(
+            "held out as test images (--holdout {}): {}, training on the other {}{}",
+            names.len(),
+            names.join(", "),
+            subject.train_images.len(),
+            if args.heldout_every.unwrap_or(0) == 0 {
+                "; they are used by --heldout-every N, which is off"
+            } else {
+                ""
+            }
+        )
+    };
+    eprintln!(
+        "photos: {} as subject `{name}` (class {class}, kind {kind}{}); {held}",
+        dir.display(),
+        if args.kind.is_some() {
+            ""
+        } else {
+            ", --kind to change"
+        }
+    );
+    Ok((dataset, name))
+}
+
+/// The dataset a run was trained on: its photo folder, or its dataset folder.
+fn run_dataset(info: &RunInfo, run: &Path) -> Result<Dataset> {
+    Ok(match &info.images {
+        Some(p) => p
+            .open()
+            .with_context(|| format!("--resume {}: its photo folder {}", run.display(), p.dir))?,
+        None => Dataset::open(&info.dataset)?,
+    })
+}
+
+/// Run the mask pipeline (SAM candidates ranked by CLIP) for exactly the training images of
+/// `subject` that have no mask, writing each beside the others (a dataset subject's `masks/`,
+/// or the photo folder's), one line per image with its preview. Masks that exist are never
+/// replaced. Nothing loads when none is missing.
+pub fn make_missing_masks(
+    models: &super::masks::MaskModelArgs,
+    common: &Common,
+    subject: &crate::data::layout::Subject,
+    dataset_dir: &Path,
+) -> Result<()> {
+    let missing = subject
+        .train_images
+        .iter()
+        .filter(|p| !subject.mask_path(p).is_file())
+        .count();
+    if missing == 0 {
+        return Ok(());
+    }
+    eprintln!(
+        "{missing} of {} training image(s) of {} have no subject mask: making them in {} (SAM + CLIP; --masks-missing error refuses instead)",
+        subject.train_images.len(),
+        subject.name,
+        subject.masks_dir().display()
+    );
+    let mut m = models.load(common).context(
+        "the attractor methods need subject masks and making them needs SAM and CLIP; pass --sam FILE / --clip DIR, or train with --masks-missing error after making the masks yourself",
+    )?;
+    let opts = models.options(&crate::data::masks::MaskOptions::default().prompt, false);
+    let rel = |p: &Path| {
+        p.strip_prefix(dataset_dir)
+            .unwrap_or(p)
+            .display()
+            .to_string()
+    };
+    let relaxed = super::masks::make_masks(subject, &mut m, &opts, &rel, false)?;
+    if let Some(note) = super::masks::relaxed_note(relaxed) {
+        eprintln!("{note}");
+    }
+    Ok(())
+}
+
+/// What an attractor method does when training images have no subject mask.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MasksMissing {
+    /// Make them with the mask pipeline before training.
+    #[default]
+    Make,
+    /// Refuse, listing them.
+    Error,
+}
+
 /// What a method needs that can be checked before any model loads: masks for the attractor
 /// methods (ti+, neti+, dreambooth-lora+: the same check and message), a one-word identifier,
 /// a modifier token that is new to CLIP's vocabulary.
@@ -625,6 +810,12 @@ fn check_input(
     let method = s.s.method;
     if method.uses_attractor() {
         crate::personalize::trainer::check_masks(subject, dataset_dir)?;
+    }
+    if s.s.heldout_every > 0 && subject.test_images.is_empty() && subject.photo_folder {
+        bail!(
+            "--heldout-every: the photos in {} have no test split to measure a held-out loss on. Fix: set some aside with --holdout K (e.g. --holdout 1), or drop --heldout-every",
+            subject.dir.display()
+        );
     }
     if s.s.heldout_every > 0 && subject.test_images.is_empty() {
         bail!(

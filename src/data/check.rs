@@ -174,16 +174,8 @@ fn run_job(job: &Job, h: &Hasher) -> Outcome {
             }
             Err(e) => Outcome::Failed(reason(e)),
         },
-        Job::Mask { path } => match load_dynamic(path) {
-            Ok(img) => {
-                let g = img.to_luma8();
-                let white = g.as_raw().iter().filter(|&&v| v >= 128).count();
-                let share = white as f64 / g.as_raw().len().max(1) as f64;
-                Outcome::Mask {
-                    dims: g.dimensions(),
-                    share,
-                }
-            }
+        Job::Mask { path } => match mask_stats(path) {
+            Ok((dims, share)) => Outcome::Mask { dims, share },
             Err(e) => Outcome::Failed(reason(e)),
         },
     }
@@ -489,6 +481,11 @@ fn check_unlisted_folders(cx: &mut Ctx, ds: &Dataset) {
 /// The classic-protocol prompts: one `{}` each, within CLIP's 77 tokens with the longest class
 /// word of that kind filled in.
 fn check_prompts(cx: &mut Ctx, ds: &Dataset, tok: &Tokenizer) {
+    // Without prompts.json the dataset serves training and the split-test protocol; the
+    // classic protocol names the missing file when asked for.
+    if matches!(ds.prompts_from, super::layout::PromptsFrom::Missing(_)) {
+        return;
+    }
     let path = ds.dir.join("prompts.json");
     for kind in [Kind::Object, Kind::Live] {
         let prompts = ds.prompts.for_kind(kind);
@@ -635,6 +632,99 @@ fn check_captions(cx: &mut Ctx, s: &super::Subject, tok: &Tokenizer) -> usize {
     count
 }
 
+/// A mask's decoded size (orientation applied) and the share of its pixels that are white
+/// (>= 128, the subject).
+fn mask_stats(path: &Path) -> Result<((u32, u32), f64), DataError> {
+    let g = load_dynamic(path)?.to_luma8();
+    let white = g.as_raw().iter().filter(|&&v| v >= 128).count();
+    Ok((
+        g.dimensions(),
+        white as f64 / g.as_raw().len().max(1) as f64,
+    ))
+}
+
+/// What is wrong with a decoded mask of `dims` whose white share is `share`, for a training
+/// image of `image_dims` (`None`: not decoded) shown as `image`: `(what, fix)`, or `None` when
+/// it is usable. The one rule that `dataset check` and `train` apply.
+fn mask_problem(
+    s: &super::Subject,
+    image: &Path,
+    dims: (u32, u32),
+    share: f64,
+    image_dims: Option<(u32, u32)>,
+) -> Option<(String, String)> {
+    let rerun = s.remake_mask_fix();
+    if let Some(idims) = image_dims.filter(|&d| d != dims) {
+        return Some((
+            format!(
+                "is {}x{}, its image {} is {}x{}",
+                dims.0,
+                dims.1,
+                image.display(),
+                idims.0,
+                idims.1
+            ),
+            rerun,
+        ));
+    }
+    if (MASK_MIN_SHARE..=1.0 - MASK_MIN_SHARE).contains(&share) {
+        return None;
+    }
+    let what = if share < MASK_MIN_SHARE {
+        "is (almost) all black: no subject pixels, the subject loss would see nothing"
+    } else {
+        "is (almost) all white: no background pixels, the attractor would learn nothing"
+    };
+    Some((
+        format!("{what} ({:.1} % white)", share * 100.0),
+        format!("{rerun}, or paint it by hand (white = subject)"),
+    ))
+}
+
+/// The masks of `subject`'s training images that exist, checked as `dataset check` checks
+/// them (decodes, the image's size, neither all black nor all white): every problem, each as
+/// `dataset check` prints it (paths relative to `dataset_dir`), in one error.
+pub fn check_training_masks(subject: &super::Subject, dataset_dir: &Path) -> Result<(), DataError> {
+    let mut cx = Ctx {
+        dir: dataset_dir,
+        problems: Vec::new(),
+    };
+    for img in &subject.train_images {
+        let path = subject.mask_path(img);
+        if !path.is_file() {
+            continue;
+        }
+        match mask_stats(&path) {
+            Err(e) => cx.push(
+                ProblemKind::Mask,
+                &path,
+                format!("does not decode ({})", reason(e)),
+                subject.remake_mask_fix(),
+            ),
+            Ok((dims, share)) => {
+                let decoded = load_dynamic(img)?;
+                let idims = (decoded.width(), decoded.height());
+                let shown = cx.rel(img);
+                if let Some((what, fix)) = mask_problem(subject, &shown, dims, share, Some(idims)) {
+                    cx.push(ProblemKind::Mask, &path, what, fix);
+                }
+            }
+        }
+    }
+    match cx.problems.as_slice() {
+        [] => Ok(()),
+        // Displayed exactly as the problem line of `dataset check`.
+        [one] => Err(DataError::Layout {
+            path: one.path.clone(),
+            reason: one.what.clone(),
+            fix: one.fix.clone(),
+        }),
+        many => Err(DataError::Problems {
+            lines: many.iter().map(|p| p.to_string()).collect(),
+        }),
+    }
+}
+
 fn check_masks(
     cx: &mut Ctx,
     s: &super::Subject,
@@ -643,7 +733,6 @@ fn check_masks(
     jobs: &[Job],
     outcomes: &[Outcome],
 ) {
-    let rerun = format!("rerun: attractor masks --subject {} --force", s.name);
     for &(ti, mj) in masks {
         let Job::Mask { path } = &jobs[mj] else {
             continue;
@@ -653,39 +742,16 @@ fn check_masks(
                 ProblemKind::Mask,
                 path,
                 format!("does not decode ({reason})"),
-                rerun.clone(),
+                s.remake_mask_fix(),
             ),
             (Outcome::Mask { dims, share }, img) => {
-                if let Outcome::Image { dims: idims, .. } = img {
-                    if dims != idims {
-                        cx.push(
-                            ProblemKind::Mask,
-                            path,
-                            format!(
-                                "is {}x{}, its image {} is {}x{}",
-                                dims.0,
-                                dims.1,
-                                cx.rel(&s.train_images[ti]).display(),
-                                idims.0,
-                                idims.1
-                            ),
-                            rerun.clone(),
-                        );
-                        continue;
-                    }
-                }
-                if *share < MASK_MIN_SHARE || *share > 1.0 - MASK_MIN_SHARE {
-                    let what = if *share < MASK_MIN_SHARE {
-                        "is (almost) all black: no subject pixels, the subject loss would see nothing"
-                    } else {
-                        "is (almost) all white: no background pixels, the attractor would learn nothing"
-                    };
-                    cx.push(
-                        ProblemKind::Mask,
-                        path,
-                        format!("{what} ({:.1} % white)", share * 100.0),
-                        format!("{rerun}, or paint it by hand (white = subject)"),
-                    );
+                let idims = match img {
+                    Outcome::Image { dims, .. } => Some(*dims),
+                    _ => None,
+                };
+                let shown = cx.rel(&s.train_images[ti]);
+                if let Some((what, fix)) = mask_problem(s, &shown, *dims, *share, idims) {
+                    cx.push(ProblemKind::Mask, path, what, fix);
                 }
             }
             _ => {}

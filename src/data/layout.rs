@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! subjects.json            [{"name": "dog", "class": "dog", "kind": "live" | "object"}, ...]
-//! prompts.json             {"object": [...], "live": [...]}   (classic protocol prompts)
+//! prompts.json             {"object": [...], "live": [...]}   (classic protocol prompts; optional:
+//!                          only the classic protocol needs it)
 //! <subject>/train/*.jpg    images to personalize on
 //! <subject>/test/*.jpg     held-out reference images
 //! <subject>/captions.json  {"<test image file>": [captions with one "{}"], ...}
@@ -12,6 +13,10 @@
 //! [`Dataset::open`] reads the two top-level files; [`Dataset::subject`] lists one subject's
 //! images (sorted by file name) and reads its captions. Deeper validation (every image decodes,
 //! caption lengths, leaks) is [`crate::data::check`].
+//!
+//! [`Dataset::from_photos`] takes a plain folder of photos instead (`train --images DIR`): one
+//! subject named after the folder, the photos as its training images, masks in `DIR/masks/`, no
+//! test split, and the DreamBooth prompt lists built into the binary for the classic protocol.
 
 use super::{io_err, DataError, Result};
 use serde::{Deserialize, Serialize};
@@ -27,7 +32,7 @@ pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "ti
 
 /// Whether a subject is a living thing or an object: picks the prompt list of the classic
 /// protocol (`prompts.json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Live,
@@ -40,6 +45,17 @@ impl Kind {
         match self {
             Kind::Live => "live",
             Kind::Object => "object",
+        }
+    }
+}
+
+impl Kind {
+    /// The kind of a class word when nobody said: live for the DreamBooth benchmark's live
+    /// classes (cat, dog), object for everything else.
+    pub fn guess(class: &str) -> Kind {
+        match class.trim().to_ascii_lowercase().as_str() {
+            "cat" | "dog" => Kind::Live,
+            _ => Kind::Object,
         }
     }
 }
@@ -84,7 +100,46 @@ impl Prompts {
 pub struct Dataset {
     pub dir: PathBuf,
     pub subjects: Vec<SubjectEntry>,
+    /// The classic protocol's prompt lists (empty when `prompts.json` is absent: see
+    /// [`Dataset::prompts_for`]).
     pub prompts: Prompts,
+    /// Where [`Dataset::prompts`] came from.
+    pub prompts_from: PromptsFrom,
+    /// `Some` for a plain folder of photos ([`Dataset::from_photos`]) instead of the split-test
+    /// layout.
+    pub photos: Option<PhotoFolder>,
+}
+
+/// Where a dataset's classic-protocol prompts come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptsFrom {
+    /// The dataset's `prompts.json`.
+    File(PathBuf),
+    /// The dataset has no `prompts.json` (this path): everything but the classic protocol works.
+    Missing(PathBuf),
+    /// The DreamBooth lists built into the binary ([`crate::assets::DREAMBOOTH_PROMPTS_JSON`]):
+    /// a photo folder's.
+    Bundled,
+}
+
+/// A plain folder of photos as a one-subject dataset (`train --images DIR`): the photos are the
+/// training images, and there are no captions. `train --holdout K` sets K of them aside as the
+/// test split of the held-out loss ([`holdout_indices`] says which).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhotoFolder {
+    /// Where the photos' masks are (`DIR/masks` unless `--masks` says otherwise).
+    pub masks_dir: PathBuf,
+    /// How many photos are held out as test images (`--holdout`; 0 = none).
+    pub holdout: usize,
+}
+
+/// Which of `n` photos (sorted by name) `--holdout k` sets aside: the middles of `k` equal
+/// stretches of the sorted list. Photos are usually named in shooting order, where neighbours
+/// are near-duplicates; spreading the held-out ones over the list keeps each of them away from
+/// its nearest twin less often than taking the last `k` would. Deterministic, so a resumed run
+/// holds out the same photos.
+pub fn holdout_indices(n: usize, k: usize) -> Vec<usize> {
+    (0..k.min(n)).map(|i| (2 * i + 1) * n / (2 * k)).collect()
 }
 
 /// One subject: its images (sorted by file name) and test captions.
@@ -99,6 +154,10 @@ pub struct Subject {
     pub test_images: Vec<PathBuf>,
     /// Test image file name (e.g. `"03.jpg"`) -> its captions, as in `captions.json`.
     pub captions: BTreeMap<String, Vec<String>>,
+    /// Where the masks of the training images are: `<subject>/masks`, or a photo folder's.
+    pub masks_dir: PathBuf,
+    /// True for the one subject of a plain photo folder ([`Dataset::from_photos`]).
+    pub photo_folder: bool,
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path, fix: &str) -> Result<T> {
@@ -181,15 +240,83 @@ impl Dataset {
                 });
             }
         }
-        let prompts: Prompts = read_json(
-            &dir.join("prompts.json"),
-            r#"write prompts.json as {"object": [prompts with {}], "live": [prompts with {}]} (copy the bundled data/dreambooth-split/prompts.json)"#,
-        )?;
+        // prompts.json serves the classic protocol only: without it, training and the
+        // split-test protocol still work, and the classic protocol names the missing file.
+        let prompts_path = dir.join("prompts.json");
+        let (prompts, prompts_from) = if prompts_path.exists() {
+            let p: Prompts = read_json(&prompts_path, PROMPTS_FIX)?;
+            (p, PromptsFrom::File(prompts_path))
+        } else {
+            (Prompts::default(), PromptsFrom::Missing(prompts_path))
+        };
         Ok(Dataset {
             dir,
             subjects,
             prompts,
+            prompts_from,
+            photos: None,
         })
+    }
+
+    /// A plain folder of photos as a one-subject dataset: the subject is named after the
+    /// folder, its training images are the folder's images (sorted by file name), it has no
+    /// test split, and the classic protocol uses the DreamBooth prompt lists built into the
+    /// binary. Masks are looked for in `masks_dir` (default `dir/masks`).
+    pub fn from_photos(
+        dir: impl AsRef<Path>,
+        class: &str,
+        kind: Kind,
+        masks_dir: Option<PathBuf>,
+    ) -> Result<Dataset> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(DataError::Layout {
+                path: dir,
+                reason: "not a folder".into(),
+                fix: "pass --images with the folder that holds your photos (jpg, png, webp, bmp, tiff)".into(),
+            });
+        }
+        if class.trim().is_empty() || class.contains('{') {
+            return Err(DataError::Layout {
+                path: dir,
+                reason: format!("--class {class:?} is not a class word"),
+                fix: "name what the photos show, e.g. --class dog or --class backpack".into(),
+            });
+        }
+        let name = std::fs::canonicalize(&dir)
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "photos".into());
+        let prompts: Prompts = serde_json::from_str(crate::assets::DREAMBOOTH_PROMPTS_JSON)
+            .map_err(|e| DataError::Json {
+                path: PathBuf::from("data/dreambooth-split/prompts.json (built in)"),
+                reason: e.to_string(),
+                fix: "rebuild attractor from an intact checkout".into(),
+            })?;
+        Ok(Dataset {
+            dir: dir.clone(),
+            subjects: vec![SubjectEntry {
+                name,
+                class: class.trim().to_string(),
+                kind,
+            }],
+            prompts,
+            prompts_from: PromptsFrom::Bundled,
+            photos: Some(PhotoFolder {
+                masks_dir: masks_dir.unwrap_or_else(|| dir.join("masks")),
+                holdout: 0,
+            }),
+        })
+    }
+
+    /// The photo folder with `k` of its photos held out as test images (`train --holdout K`);
+    /// a split-test dataset is returned unchanged (its test split is its own).
+    pub fn holding_out(mut self, k: usize) -> Dataset {
+        if let Some(p) = &mut self.photos {
+            p.holdout = k;
+        }
+        self
     }
 
     /// Open the bundled benchmark (see [`Dataset::default_dir`]).
@@ -265,6 +392,48 @@ impl Dataset {
     /// Captions are read as they are: [`crate::data::check`] validates them.
     pub fn subject(&self, name: &str) -> Result<Subject> {
         let entry = self.entry(name)?;
+        if let Some(photos) = &self.photos {
+            let all = list_images(&self.dir)?;
+            if all.is_empty() {
+                return Err(DataError::Layout {
+                    path: self.dir.clone(),
+                    reason: "no photos (jpg, png, webp, bmp, tiff) directly in this folder".into(),
+                    fix: "put the photos to personalize on into it (3-5 of the subject, as varied as you have)".into(),
+                });
+            }
+            if photos.holdout >= all.len() {
+                return Err(DataError::Layout {
+                    path: self.dir.clone(),
+                    reason: format!(
+                        "--holdout {} leaves no photo to train on: the folder has {}",
+                        photos.holdout,
+                        all.len()
+                    ),
+                    fix: format!(
+                        "hold out fewer (at most {}; 1 of 5 is typical), or add photos",
+                        all.len() - 1
+                    ),
+                });
+            }
+            let held = holdout_indices(all.len(), photos.holdout);
+            let (test_images, train_images): (Vec<_>, Vec<_>) = all
+                .into_iter()
+                .enumerate()
+                .partition(|(i, _)| held.contains(i));
+            let train_images = train_images.into_iter().map(|(_, p)| p).collect();
+            let test_images = test_images.into_iter().map(|(_, p)| p).collect();
+            return Ok(Subject {
+                name: entry.name.clone(),
+                class: entry.class.clone(),
+                kind: entry.kind,
+                dir: self.dir.clone(),
+                train_images,
+                test_images,
+                captions: BTreeMap::new(),
+                masks_dir: photos.masks_dir.clone(),
+                photo_folder: true,
+            });
+        }
         let dir = self.dir.join(&entry.name);
         if !dir.is_dir() {
             return Err(DataError::Layout {
@@ -297,10 +466,12 @@ impl Dataset {
             name: entry.name.clone(),
             class: entry.class.clone(),
             kind: entry.kind,
+            masks_dir: dir.join("masks"),
             dir,
             train_images,
             test_images,
             captions,
+            photo_folder: false,
         })
     }
 
@@ -312,16 +483,54 @@ impl Dataset {
             .collect()
     }
 
-    /// The classic-protocol prompts for subjects of `kind`.
-    pub fn prompts_for(&self, kind: Kind) -> &[String] {
-        self.prompts.for_kind(kind)
+    /// The classic-protocol prompts for subjects of `kind`; an error naming `prompts.json` when
+    /// the dataset has none.
+    pub fn prompts_for(&self, kind: Kind) -> Result<&[String]> {
+        if let PromptsFrom::Missing(path) = &self.prompts_from {
+            return Err(DataError::Layout {
+                path: path.clone(),
+                reason: "file not found: the classic protocol (--split train or both) takes its prompts from it".into(),
+                fix: PROMPTS_FIX.into(),
+            });
+        }
+        Ok(self.prompts.for_kind(kind))
+    }
+
+    /// What identifies the dataset in an evaluation's config: its canonical folder, prefixed
+    /// with `photos:` for a plain photo folder (whose classic scores are labelled
+    /// training-reference scores).
+    pub fn id(&self) -> String {
+        let dir = std::fs::canonicalize(&self.dir)
+            .unwrap_or_else(|_| self.dir.clone())
+            .display()
+            .to_string();
+        match self.photos {
+            Some(_) => format!("{PHOTOS_ID_PREFIX}{dir}"),
+            None => dir,
+        }
     }
 }
 
+/// [`Dataset::id`]'s prefix for a plain photo folder.
+pub const PHOTOS_ID_PREFIX: &str = "photos:";
+
+const PROMPTS_FIX: &str = r#"write prompts.json as {"object": [prompts with {}], "live": [prompts with {}]} (copy the bundled data/dreambooth-split/prompts.json)"#;
+
 impl Subject {
-    /// `<subject>/masks`.
+    /// `<subject>/masks`, or a photo folder's masks folder.
     pub fn masks_dir(&self) -> PathBuf {
-        self.dir.join("masks")
+        self.masks_dir.clone()
+    }
+
+    /// The fix for a mask that is unusable: remake it with `attractor masks --force` (a
+    /// dataset), or delete it so that `train` makes it again (a photo folder, whose missing
+    /// masks `train` makes on demand).
+    pub fn remake_mask_fix(&self) -> String {
+        if self.photo_folder {
+            "delete it and run the same `attractor train --images` command again (missing masks are made anew)".into()
+        } else {
+            format!("rerun: attractor masks --subject {} --force", self.name)
+        }
     }
 
     /// Where the mask of a training image lives: `<subject>/masks/<image stem>.png`.

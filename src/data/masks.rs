@@ -36,7 +36,7 @@ pub const SAM_REVISION: &str = "main";
 pub enum SamVariant {
     /// MobileSAM (TinyViT-5M encoder): ~10x faster on a CPU, slightly coarser masks.
     Tiny,
-    /// The original SAM ViT-B.
+    /// The original SAM ViT-B (or any ViT SAM: see [`vit_shape`]).
     VitB,
 }
 
@@ -70,6 +70,65 @@ impl std::fmt::Display for SamVariant {
             Self::VitB => "vit-b",
         })
     }
+}
+
+/// The ViT image encoder's shape, as a weight file holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VitShape {
+    pub width: usize,
+    pub depth: usize,
+    pub heads: usize,
+    /// Blocks with global attention (the others attend within 14 x 14 windows).
+    pub global_blocks: Vec<usize>,
+}
+
+/// Read the ViT encoder's shape from a SAM weight file, so one loader takes ViT-B (768 wide,
+/// 12 blocks, 12 heads, global attention in blocks 2, 5, 8, 11), ViT-L and ViT-H, and the
+/// small random-weight SAMs of the tests: the width is the patch embedding's output, each
+/// block's relative-position table has `2 * size - 1` rows of one head's width, and `size` is
+/// the 64-patch grid for global attention and the 14-patch window otherwise.
+pub fn vit_shape(weights: &Path) -> Result<VitShape> {
+    // SAFETY: the file is memory-mapped read-only and not modified while mapped.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(weights) }
+        .with_context(|| format!("cannot read SAM weights {}", weights.display()))?;
+    let mut width = None;
+    let mut blocks = std::collections::BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if name == "image_encoder.patch_embed.proj.weight" {
+            width = view.shape().first().copied();
+        } else if let Some(i) = name
+            .strip_prefix("image_encoder.blocks.")
+            .and_then(|r| r.strip_suffix(".attn.rel_pos_h"))
+            .and_then(|i| i.parse::<usize>().ok())
+        {
+            if let [rows, head_dim] = view.shape() {
+                blocks.insert(i, (*rows, *head_dim));
+            }
+        }
+    }
+    let grid = sam::IMAGE_SIZE / 16;
+    let not_vit = || {
+        anyhow::anyhow!(
+            "{} holds no ViT SAM image encoder (image_encoder.patch_embed.proj.weight and \
+             image_encoder.blocks.N.attn.rel_pos_h); for MobileSAM pass --sam-model tiny",
+            weights.display()
+        )
+    };
+    let width = width.ok_or_else(not_vit)?;
+    let head_dim = blocks.values().next().map(|b| b.1).ok_or_else(not_vit)?;
+    if head_dim == 0 || width % head_dim != 0 || blocks.keys().copied().ne(0..blocks.len()) {
+        return Err(not_vit());
+    }
+    Ok(VitShape {
+        width,
+        depth: blocks.len(),
+        heads: width / head_dim,
+        global_blocks: blocks
+            .iter()
+            .filter(|(_, (rows, _))| *rows == 2 * grid - 1)
+            .map(|(i, _)| *i)
+            .collect(),
+    })
 }
 
 /// Scores image crops against a text: higher = the crop shows the text better.
@@ -174,7 +233,10 @@ impl SamSegmenter {
             .with_context(|| format!("cannot read SAM weights {}", weights.display()))?;
         let sam = match variant {
             SamVariant::Tiny => Sam::new_tiny(vb),
-            SamVariant::VitB => Sam::new(768, 12, 12, &[2, 5, 8, 11], vb),
+            SamVariant::VitB => {
+                let v = vit_shape(weights)?;
+                Sam::new(v.width, v.depth, v.heads, &v.global_blocks, vb)
+            }
         }
         .with_context(|| {
             format!(
@@ -538,8 +600,9 @@ pub fn preview_path(subject: &super::Subject, train_image: &Path) -> PathBuf {
         .join(format!("{stem}.jpg"))
 }
 
-/// Mask every training image of `subject`; existing masks are kept unless `opts.force`.
-/// `progress` is called after each image.
+/// Mask every training image of `subject`; existing masks are kept unless `opts.force` (and,
+/// without it, a mask that appears while this one is computed is kept too: the write never
+/// replaces a file). `progress` is called after each image.
 pub fn mask_subject(
     subject: &super::Subject,
     seg: &SamSegmenter,
@@ -577,7 +640,15 @@ pub fn mask_subject(
         let masks: Vec<GrayImage> = cands.masks.iter().map(|c| c.mask.clone()).collect();
         let sel = select_mask(&img, &masks, scorer, &text, &opts.select)
             .with_context(|| format!("ranking the masks of {}", img_path.display()))?;
-        crate::files::save_png(&sel.mask, &mask_path)?;
+        if opts.force {
+            crate::files::save_png(&sel.mask, &mask_path)?;
+        } else if !crate::files::save_png_new(&sel.mask, &mask_path)? {
+            // Another process (a parallel sweep job on the same subject) wrote it meanwhile:
+            // a mask that exists is never replaced.
+            progress(&outcome);
+            out.push(outcome);
+            continue;
+        }
         write_jpeg(&preview_path, &preview(&img, &sel.mask))?;
         let white = sel.mask.as_raw().iter().filter(|&&v| v >= 128).count();
         outcome.result = Some(MaskResult {

@@ -1,6 +1,7 @@
 //! Everything the project reads from a dataset folder: the split-test layout ([`layout`]), image
 //! and mask decoding into tensors ([`image`]), the dataset checks and the builder behind
-//! `attractor dataset check|new` ([`check`]), and automatic subject masks ([`masks`]).
+//! `attractor dataset check|new` ([`check`]), automatic subject masks ([`masks`]), and a plain
+//! folder of photos as training input ([`photos`]).
 //!
 //! The layout is the one described in `data/dreambooth-split/README.md` (the PDST-style split-test
 //! benchmark). Nothing here knows about the command line; errors that callers branch on are
@@ -10,6 +11,7 @@ pub mod check;
 pub mod image;
 pub mod layout;
 pub mod masks;
+pub mod photos;
 
 pub use layout::{
     fill, validate_caption, CaptionError, Dataset, Kind, Prompts, Subject, SubjectEntry,
@@ -61,6 +63,9 @@ pub enum DataError {
         reason: String,
         fix: String,
     },
+    /// Several problems at once, one line each (with its file and fix).
+    #[error("{} problems:\n  {}", lines.len(), lines.join("\n  "))]
+    Problems { lines: Vec<String> },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -405,7 +405,13 @@ pub fn build_jobs(
                 }
                 // `protocols()` never yields `Both`.
                 Split::Train | Split::Both => {
-                    let prompts = dataset.prompts_for(subject.kind);
+                    let prompts = match dataset.prompts_for(subject.kind) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            problems.push(e.to_string());
+                            continue;
+                        }
+                    };
                     if prompts.is_empty() {
                         problems.push(format!(
                             "{}: no `{}` prompts for the classic protocol",
@@ -561,10 +567,7 @@ fn score_job(
 }
 
 fn data_id(dataset: &Dataset) -> String {
-    std::fs::canonicalize(&dataset.dir)
-        .unwrap_or_else(|_| dataset.dir.clone())
-        .display()
-        .to_string()
+    dataset.id()
 }
 
 /// Run `settings` over `subjects` with `generator`: generate every pending job of the shard,

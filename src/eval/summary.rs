@@ -6,6 +6,8 @@
 //! paper averages). The standard error is `sd / sqrt(n)` with the sample standard deviation
 //! (`n - 1`); it is `null` for fewer than two images. Written as `summary.json` (with the
 //! evaluation's config) and `summary.csv` (one row per split and subject, `ALL` for overall).
+//! A photo folder's evaluation (no test split) carries a `note` that its classic scores are
+//! training-reference scores, in `summary.json` and on the console.
 
 use super::protocol::Split;
 use super::store::{EvalConfig, Record};
@@ -126,7 +128,15 @@ pub struct Summary {
     pub train: Option<SplitSummary>,
     /// Classic minus split-test, when both were run.
     pub classic_minus_test: Option<Overestimate>,
+    /// What the scores are, where the protocol's name does not say it: a plain photo folder's
+    /// run (`train --images`) has no test split, and its classic scores are training-reference
+    /// scores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
+
+/// [`Summary::note`] of a photo folder's evaluation.
+pub const TRAINING_REFERENCE_NOTE: &str = "training-reference scores: CLIP-I and DINO compare each image with the photos the subject was trained on (a plain photo folder has no held-out test split); they reward copying those photos and overstate how well the subject generalises";
 
 fn split_summary(records: &[Record], split: Split) -> Option<SplitSummary> {
     // Sorted by key: sums (and so the summary's last digits) do not depend on the order in
@@ -168,11 +178,16 @@ pub fn summarize(records: &[Record], config: &EvalConfig) -> Summary {
         }),
         _ => None,
     };
+    let note = config
+        .data
+        .starts_with(crate::data::layout::PHOTOS_ID_PREFIX)
+        .then(|| TRAINING_REFERENCE_NOTE.to_string());
     Summary {
         config: config.clone(),
         test,
         train,
         classic_minus_test,
+        note,
     }
 }
 
@@ -229,7 +244,12 @@ impl Summary {
             Some(se) => format!("{:.4} ± {:.4}", st.mean, se),
             None => format!("{:.4}", st.mean),
         };
-        for (name, part) in [("split-test", &self.test), ("classic", &self.train)] {
+        let classic = if self.note.is_some() {
+            "classic (training-reference)"
+        } else {
+            "classic"
+        };
+        for (name, part) in [("split-test", &self.test), (classic, &self.train)] {
             if let Some(p) = part {
                 let m = &p.overall;
                 let _ = writeln!(
@@ -241,6 +261,9 @@ impl Summary {
                     fmt_stat(&m.dino)
                 );
             }
+        }
+        if let Some(note) = &self.note {
+            let _ = writeln!(s, "note: {note}");
         }
         if let Some(o) = &self.classic_minus_test {
             let d = &o.overall;

@@ -5,6 +5,7 @@
 use crate::personalize::losses::LossWeights;
 use crate::personalize::method::{Method, Schedule};
 use crate::personalize::optim::AdamWConfig;
+use crate::ranges::Range;
 use serde::{Deserialize, Serialize};
 
 /// What `train` runs. `None` fields take the method's default in [`TrainSettings::resolve`].
@@ -229,14 +230,27 @@ impl TrainSettings {
         let batch = self.batch.unwrap_or_else(|| m.default_batch());
         let grad_accum = self.grad_accum.unwrap_or_else(|| m.default_grad_accum());
         let base_lr = self.base_lr.unwrap_or_else(|| m.default_base_lr());
-        if steps == 0 || batch == 0 || grad_accum == 0 {
-            anyhow::bail!("steps, batch and grad_accum must be at least 1 (got {steps}, {batch}, {grad_accum})");
+        // The ranges the `train` flags check at parse time (crate::ranges), for values that
+        // come from a TOML preset or a run's config.json; named by their TOML key.
+        let check = |name: &str, v: f64, r: Range| r.check(name, v).map_err(anyhow::Error::msg);
+        check("steps", steps as f64, Range::AtLeast(1))?;
+        check("batch", batch as f64, Range::AtLeast(1))?;
+        check("grad_accum", grad_accum as f64, Range::AtLeast(1))?;
+        check("base_lr", base_lr, Range::Positive)?;
+        check("resolution", self.resolution as f64, Range::MultipleOf8)?;
+        check("num_vectors", self.num_vectors as f64, Range::AtLeast(1))?;
+        check("tau", self.tau, Range::Positive)?;
+        let w = &self.weights;
+        for (name, v) in [
+            ("weights.w_s", w.w_s),
+            ("weights.w_b", w.w_b),
+            ("weights.w_i", w.w_i),
+            ("weights.w_c", w.w_c),
+        ] {
+            check(name, v, Range::NonNegative)?;
         }
-        if !self.resolution.is_multiple_of(8) || self.resolution == 0 {
-            anyhow::bail!(
-                "resolution {} is not a positive multiple of 8",
-                self.resolution
-            );
+        if let Some(p) = self.flip_p {
+            check("flip_p", p, Range::Unit)?;
         }
         if self.heldout_every == 0 && (self.keep_best || self.early_stop > 0) {
             anyhow::bail!(
@@ -248,40 +262,50 @@ impl TrainSettings {
                 }
             );
         }
+        check(
+            "validation_steps",
+            self.validation_steps as f64,
+            Range::AtLeast(1),
+        )?;
         if m.uses_neti() && self.num_vectors != 1 {
             anyhow::bail!(
                 "NeTI learns one token: num_vectors must be 1 (got {})",
                 self.num_vectors
             );
         }
-        if self.num_vectors == 0 {
-            anyhow::bail!("num_vectors must be at least 1");
-        }
         let b = &self.baseline;
         if m.trains_weights() {
-            if b.lora_rank == 0 {
-                anyhow::bail!("--lora-rank must be at least 1");
+            check("baseline.lora_rank", b.lora_rank as f64, Range::AtLeast(1))?;
+            if let Some(a) = b.lora_alpha {
+                check("baseline.lora_alpha", a, Range::Positive)?;
             }
-            if b.prior_loss_weight.is_nan() || b.prior_loss_weight < 0.0 {
-                anyhow::bail!(
-                    "--prior-loss-weight must be 0 or more (got {})",
-                    b.prior_loss_weight
-                );
-            }
-            if b.max_grad_norm.is_nan() || b.max_grad_norm < 0.0 {
-                anyhow::bail!("max_grad_norm must be 0 or more (got {})", b.max_grad_norm);
-            }
-            if b.prior_images > 0 && b.prior_steps == 0 {
-                anyhow::bail!("prior_steps must be at least 1");
+            check(
+                "baseline.prior_loss_weight",
+                b.prior_loss_weight,
+                Range::NonNegative,
+            )?;
+            check(
+                "baseline.prior_guidance",
+                b.prior_guidance,
+                Range::NonNegative,
+            )?;
+            check(
+                "baseline.max_grad_norm",
+                b.max_grad_norm,
+                Range::NonNegative,
+            )?;
+            if b.prior_images > 0 {
+                check(
+                    "baseline.prior_steps",
+                    b.prior_steps as f64,
+                    Range::AtLeast(1),
+                )?;
             }
         }
         let scale_lr = self.scale_lr.unwrap_or_else(|| m.default_scale_lr());
         let flip_p = self
             .flip_p
             .unwrap_or(if m.uses_identifier() { 0.0 } else { 0.5 });
-        if !(0.0..=1.0).contains(&flip_p) {
-            anyhow::bail!("flip_p must be in [0, 1] (got {flip_p})");
-        }
         let mut lr = if scale_lr {
             Method::scaled_lr(base_lr, batch, grad_accum)
         } else {
@@ -324,5 +348,40 @@ mod tests {
             s.grad_accum = Some(3);
             s.base_lr = Some(2e-3);
         }
+    }
+
+    /// A preset's out-of-range values are refused where they resolve, with the flags' words.
+    #[test]
+    fn preset_values_get_the_flag_ranges() {
+        let bad = |edit: &dyn Fn(&mut TrainSettings)| {
+            let mut s = TrainSettings::default();
+            edit(&mut s);
+            s.resolve().unwrap_err().to_string()
+        };
+        assert_eq!(
+            bad(&|s| s.steps = Some(0)),
+            "steps 0: expected a whole number >= 1"
+        );
+        assert!(
+            bad(&|s| s.base_lr = Some(0.0)).starts_with("base_lr 0: expected a finite number > 0")
+        );
+        assert!(bad(&|s| s.resolution = 500)
+            .starts_with("resolution 500: expected a positive multiple of 8"));
+        assert!(bad(&|s| s.tau = -1.0).starts_with("tau -1: expected"));
+        assert!(bad(&|s| s.weights.w_c = -0.1).starts_with("weights.w_c -0.1: expected"));
+        assert!(
+            bad(&|s| s.flip_p = Some(1.5)).starts_with("flip_p 1.5: expected a number from 0 to 1")
+        );
+        let lora = |s: &mut TrainSettings| s.method = Method::DreamBoothLora;
+        assert!(bad(&|s| {
+            lora(s);
+            s.baseline.lora_rank = 0
+        })
+        .starts_with("baseline.lora_rank 0: expected"));
+        assert!(bad(&|s| {
+            lora(s);
+            s.baseline.lora_alpha = Some(0.0)
+        })
+        .starts_with("baseline.lora_alpha 0: expected"));
     }
 }

@@ -44,6 +44,10 @@ pub struct RunInfo {
     /// Where prior preservation's class images come from (the baselines; absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prior_images: Option<String>,
+    /// `train --images DIR`: the photo folder trained on and a fingerprint of its photos
+    /// (absent for a dataset subject).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<crate::data::photos::PhotoSource>,
     /// `train --keep-best`: the step whose learned files are in `RUN/best/`, by held-out loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best: Option<BestStep>,
@@ -178,6 +182,7 @@ pub struct Trainer<'a> {
 }
 
 /// Masks a method needs but the subject lacks: the error lists them and names the command.
+/// Masks that exist are checked as `dataset check` checks them (same messages and fixes).
 pub fn check_masks(subject: &Subject, dataset_dir: &Path) -> Result<Vec<PathBuf>> {
     let paths: Vec<PathBuf> = subject
         .train_images
@@ -190,13 +195,22 @@ pub fn check_masks(subject: &Subject, dataset_dir: &Path) -> Result<Vec<PathBuf>
         .map(|p| p.display().to_string())
         .collect();
     if !missing.is_empty() {
+        let make = if subject.photo_folder {
+            "leave out --masks-missing error and `attractor train` makes them (SAM + CLIP)"
+                .to_string()
+        } else {
+            format!(
+                "make them with `attractor masks --data {} --subject {}`",
+                dataset_dir.display(),
+                subject.name
+            )
+        };
         bail!(
-            "the attractor methods need a subject mask for every training image, and these are missing:\n  {}\nFix: make them with `attractor masks --data {} --subject {}` (or draw them: white = subject, same size as the image), or train with --method ti / neti",
+            "the attractor methods need a subject mask for every training image, and these are missing:\n  {}\nFix: {make} (or draw them: white = subject, same size as the image), or train with --method ti / neti",
             missing.join("\n  "),
-            dataset_dir.display(),
-            subject.name
         );
     }
+    crate::data::check::check_training_masks(subject, dataset_dir)?;
     Ok(paths)
 }
 
@@ -312,6 +326,7 @@ impl<'a> Trainer<'a> {
             prior_images: prior_source(&settings, &subject.class),
             best: None,
             stopped_early_at: None,
+            images: None,
         };
         add_tokens(&mut tokenizer, &info, sd)?;
         let table = &sd.text.token_embedding;

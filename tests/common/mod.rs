@@ -1,5 +1,6 @@
 //! Shared test helpers: the bundled fixtures, the golden tensors' tolerance check, a small
-//! dataset in the split-test layout, the tiny scorers, and deterministic fake generators.
+//! dataset in the split-test layout, the tiny scorers, deterministic fake generators, photos in
+//! the formats users have (EXIF-rotated, CMYK JPEG), and a small random-weight SAM.
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
@@ -207,4 +208,85 @@ pub fn sorted_lines(path: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// A little-endian TIFF/Exif block holding one Orientation (0x0112) entry.
+pub fn exif_orientation(value: u16) -> Vec<u8> {
+    let mut b = vec![0x49, 0x49, 42, 0, 8, 0, 0, 0];
+    b.extend_from_slice(&1u16.to_le_bytes()); // one IFD entry
+    b.extend_from_slice(&0x0112u16.to_le_bytes());
+    b.extend_from_slice(&3u16.to_le_bytes()); // SHORT
+    b.extend_from_slice(&1u32.to_le_bytes()); // count
+    b.extend_from_slice(&value.to_le_bytes());
+    b.extend_from_slice(&[0, 0]);
+    b.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
+    b
+}
+
+/// A folder `dir/<name>` of three photos cut from the bundled benchmark's dog photos, in the
+/// formats users have: `a.jpg` a CMYK JPEG (96x96), `b.jpg` a JPEG stored 96x72 with EXIF
+/// orientation 6 (shown 72x96), `c.png` a PNG (80x64).
+pub fn photo_folder(dir: &Path, name: &str) -> PathBuf {
+    use image::ImageEncoder;
+    let src = root().join("data/dreambooth-split/dog/train");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&src)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let load = |i: usize, w: u32, h: u32| {
+        let img = image::open(&files[i]).unwrap().to_rgb8();
+        image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle)
+    };
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let a = load(0, 96, 96);
+    let cmyk: Vec<u8> = a
+        .pixels()
+        .flat_map(|p| [255 - p[0], 255 - p[1], 255 - p[2], 0])
+        .collect();
+    jpeg_encoder::Encoder::new_file(d.join("a.jpg"), 92)
+        .unwrap()
+        .encode(&cmyk, 96, 96, jpeg_encoder::ColorType::Cmyk)
+        .unwrap();
+    let b = load(1, 96, 72);
+    let mut bytes = Vec::new();
+    let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 92);
+    enc.set_exif_metadata(exif_orientation(6)).unwrap();
+    enc.write_image(b.as_raw(), 96, 72, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    std::fs::write(d.join("b.jpg"), bytes).unwrap();
+    load(2, 80, 64).save(d.join("c.png")).unwrap();
+    d
+}
+
+/// A SAM with the real topology but a 16-wide, 1-block image encoder and random weights, and
+/// the variables it was built from (`VarMap::save` writes them as a weight file that
+/// `--sam FILE --sam-model vit-b` loads).
+pub fn random_sam(
+    dev: &Device,
+) -> (
+    candle_nn::VarMap,
+    candle_transformers::models::segment_anything::sam::Sam,
+) {
+    let vm = candle_nn::VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
+    let sam =
+        candle_transformers::models::segment_anything::sam::Sam::new(16, 1, 1, &[], vb).unwrap();
+    // Layer norms and some tables start at zero in a VarMap: give every weight a random value so
+    // the masks vary over the image.
+    let mut vars = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect::<Vec<_>>();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut rng = attractor::rng::Rng::new(7);
+    for (_, v) in vars.iter() {
+        let r = (rng.randn(v.shape(), dev).unwrap() * 0.3).unwrap();
+        v.set(&r.to_dtype(DType::F32).unwrap()).unwrap();
+    }
+    (vm, sam)
 }
