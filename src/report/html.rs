@@ -1,8 +1,11 @@
 //! The report's HTML page: one self-contained file (no external requests) with the tables,
-//! the plots and a grid of generated samples, every image embedded as a base64 `data:` URI
-//! (plots as PNG, sample thumbnails as JPEG).
+//! the paired comparisons, the plots, the qualitative grid, the loss curves and a grid of
+//! generated samples, every image embedded as a base64 `data:` URI (plots and the qualitative
+//! grid as PNG, sample thumbnails as JPEG).
 
-use super::{fmt_stat, Entry, SampleSet, Table};
+use super::compare::PairedResult;
+use super::paired::{Interval, METRIC_NAMES};
+use super::{fmt_stat, split_title, Entry, SampleSet, Table};
 use crate::eval::protocol::Split;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
@@ -78,7 +81,8 @@ table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:
 th{background:#f2f2f2}td.l,th.l{text-align:left}td.best{font-weight:bold}\
 figure{margin:1em 0}figure img{max-width:min(100%,760px);border:1px solid #ddd}\
 .grid td{vertical-align:top;text-align:left}.grid img{margin:2px;border:1px solid #ddd}\
-.muted{color:#777;font-size:90%}code{background:#f5f5f5;padding:1px 4px}";
+.muted{color:#777;font-size:90%}code{background:#f5f5f5;padding:1px 4px}\
+td.up{font-weight:bold;color:#1a7f37}td.down{font-weight:bold;color:#b42318}";
 
 fn table_html(t: &Table) -> String {
     let mut s = format!(
@@ -248,15 +252,150 @@ fn grid_html(samples: &[SampleSet], thumb: u32) -> Result<String> {
     Ok(h)
 }
 
+/// `+0.0123 [+0.0050, +0.0190]` and its cell class: `up` / `down` when the interval lies above
+/// / below 0 (marked ▲ / ▼), none otherwise.
+fn interval_cell(iv: &Interval) -> String {
+    let (class, mark) = if iv.lo > 0.0 {
+        (" class=up", " ▲")
+    } else if iv.hi < 0.0 {
+        (" class=down", " ▼")
+    } else {
+        ("", "")
+    };
+    format!(
+        "<td{class}>{:+.4} [{:+.4}, {:+.4}]{mark}</td>",
+        iv.mean, iv.lo, iv.hi
+    )
+}
+
+/// The paired table (one row per comparison and protocol), the notes on left-out lines, and
+/// the per-subject table.
+fn paired_html(paired: &[PairedResult], resamples: usize, seed: u64) -> String {
+    if paired.is_empty() {
+        return String::new();
+    }
+    let mut h = String::from("<h2>Paired comparisons (B − A)</h2>\n");
+    let _ = writeln!(
+        h,
+        "<p class=muted>Each row compares two methods on the images both generated from the same \
+         (subject, test image or prompt, caption, sample) and so the same seed: Δ = B − A per \
+         image, positive when B scores higher. The mean Δ is over all pairs; the 95 % interval \
+         is a percentile bootstrap ({resamples} resamples, seed {seed}) resampling subjects, then \
+         images within each subject. Intervals that exclude 0 are marked ▲ (B higher) or ▼ \
+         (B lower). A + variant is compared with its base's single run of the same subject, \
+         once per schedule. <i>unmatched</i>: results lines of either side without a \
+         partner (left out).</p>"
+    );
+    h.push_str(
+        "<table>\n<tr><th class=l>B − A</th><th class=l>protocol</th><th>subjects</th>\
+         <th>pairs</th><th>unmatched</th>",
+    );
+    for m in METRIC_NAMES {
+        let _ = write!(h, "<th>Δ {m} (B − A) [95 % CI]</th>");
+    }
+    h.push_str("</tr>\n");
+    let mut notes = Vec::new();
+    for r in paired {
+        let _ = write!(
+            h,
+            "<tr><td class=l>{}</td><td class=l>{}</td><td>{}</td><td>{}</td><td>{}</td>",
+            escape(&r.comparison.label()),
+            escape(split_title(r.split)),
+            r.subjects,
+            r.pairs,
+            r.unmatched
+        );
+        match &r.intervals {
+            Some(iv) => iv.iter().for_each(|i| h.push_str(&interval_cell(i))),
+            None => h.push_str("<td colspan=3 class=muted>no pairs</td>"),
+        }
+        h.push_str("</tr>\n");
+        let what = format!("{}, {}", r.comparison.label(), split_title(r.split));
+        if !r.unpaired_subjects.is_empty() {
+            notes.push(format!(
+                "{what}: only one side has subject(s) {}",
+                r.unpaired_subjects.join(", ")
+            ));
+        }
+        for (s, why) in &r.incompatible {
+            notes.push(format!(
+                "{what}: subject {s} left out, scored differently ({why})"
+            ));
+        }
+    }
+    h.push_str("</table>\n");
+    if !notes.is_empty() {
+        h.push_str("<ul class=muted>\n");
+        for n in notes {
+            let _ = writeln!(h, "<li>{}</li>", escape(&n));
+        }
+        h.push_str("</ul>\n");
+    }
+    h.push_str(
+        "<h3>Per subject (mean Δ = B − A)</h3>\n<table>\n<tr><th class=l>B − A</th>\
+         <th class=l>protocol</th><th class=l>subject</th><th>pairs</th>",
+    );
+    for m in METRIC_NAMES {
+        let _ = write!(h, "<th>Δ {m}</th>");
+    }
+    h.push_str("</tr>\n");
+    for r in paired {
+        for d in &r.per_subject {
+            let _ = write!(
+                h,
+                "<tr><td class=l>{}</td><td class=l>{}</td><td class=l>{}</td><td>{}</td>",
+                escape(&r.comparison.label()),
+                escape(split_title(r.split)),
+                escape(&d.subject),
+                d.pairs
+            );
+            for v in d.mean {
+                let _ = write!(h, "<td>{v:+.4}</td>");
+            }
+            h.push_str("</tr>\n");
+        }
+    }
+    h.push_str("</table>\n");
+    h
+}
+
+fn figure(p: &Plot) -> String {
+    format!(
+        "<figure><img src=\"{}\" alt=\"{}\"><figcaption>{} (<code>{}</code>)</figcaption></figure>\n",
+        data_uri(&p.png),
+        escape(&p.title),
+        escape(&p.title),
+        escape(&p.file)
+    )
+}
+
+/// Everything the page shows.
+pub struct PageParts<'a> {
+    pub sweep: &'a Path,
+    pub entries: &'a [Entry],
+    pub tables: &'a [Table],
+    pub plots: &'a [Plot],
+    pub samples: &'a [SampleSet],
+    pub thumb: u32,
+    pub paired: &'a [PairedResult],
+    /// The bootstrap behind the paired intervals (stated on the page).
+    pub resamples: usize,
+    pub seed: u64,
+    pub qualitative: Option<&'a Plot>,
+    pub losses: Option<&'a Plot>,
+}
+
 /// The whole page.
-pub fn page(
-    sweep: &Path,
-    entries: &[Entry],
-    tables: &[Table],
-    plots: &[Plot],
-    samples: &[SampleSet],
-    thumb: u32,
-) -> Result<String> {
+pub fn page(parts: &PageParts) -> Result<String> {
+    let PageParts {
+        sweep,
+        entries,
+        tables,
+        plots,
+        samples,
+        thumb,
+        ..
+    } = *parts;
     let mut h = String::new();
     let _ = write!(
         h,
@@ -279,16 +418,29 @@ pub fn page(
         h.push_str(&table_html(t));
     }
     h.push_str(&overestimate_html(tables));
+    h.push_str(&paired_html(parts.paired, parts.resamples, parts.seed));
     h.push_str("<h2>Plots</h2>\n");
     for p in plots {
-        let _ = writeln!(
-            h,
-            "<figure><img src=\"{}\" alt=\"{}\"><figcaption>{} (<code>{}</code>)</figcaption></figure>",
-            data_uri(&p.png),
-            escape(&p.title),
-            escape(&p.title),
-            escape(&p.file)
+        h.push_str(&figure(p));
+    }
+    if let Some(q) = parts.qualitative {
+        h.push_str(
+            "<h2>Qualitative comparison</h2>\n<p class=muted>One held-out test image per row: \
+             the reference, its caption (the placeholder shown as S*), then each method's image \
+             generated from that caption with the same seed. Empty cells: the method has no such \
+             image.</p>\n",
         );
+        h.push_str(&figure(q));
+    }
+    if let Some(l) = parts.losses {
+        h.push_str(
+            "<h2>Training losses</h2>\n<p class=muted>The noise-prediction loss on each \
+             subject's held-out test images (solid) and on its training images (dashed), at \
+             fixed (t, noise) pairs, as the runs logged them in <code>metrics.jsonl</code>. A \
+             held-out loss that rises while the training-reference loss falls is overfitting.\
+             </p>\n",
+        );
+        h.push_str(&figure(l));
     }
     h.push_str(
         "<h2>Samples</h2>\n<p class=muted>Generated images of each run (split-test first); \

@@ -23,12 +23,24 @@
 //! subject by its image count and the standard error is `sd / sqrt(n)` of all images together,
 //! recovered exactly from each part's (n, mean, standard error).
 //!
+//! Beside the tables: paired comparisons of methods on the same seeds (each + variant against
+//! its base and any `--compare A,B`; differences B − A with a two-level bootstrap interval, see
+//! [`compare`] and [`paired`]), the qualitative grid of one test image per row ([`qualitative`],
+//! the paper's Fig. 6), and the runs' held-out and training-reference losses over steps where
+//! their `metrics.jsonl` logged them ([`losses`]). The page does not show the per-checkpoint
+//! score curves (the paper's Fig. 1): `eval --checkpoints` draws those into its own folder.
+//!
 //! Written (atomically, via `crate::files`) into the output folder: `report.html`,
-//! `report.json`, `table-<split>.csv`, `table.md`, `schedules-<method>-<split>.png` and
-//! `methods-<split>.png`.
+//! `report.json`, `table-<split>.csv`, `table.md`, `schedules-<method>-<split>.png`,
+//! `methods-<split>.png`, and where there is something to show `paired.csv` and
+//! `paired-subjects.csv`, `qualitative.png` and `losses.png`.
 
+pub mod compare;
 pub mod html;
+pub mod losses;
+pub mod paired;
 pub mod plot;
+pub mod qualitative;
 
 use crate::eval::protocol::Split;
 use crate::eval::store::{read_results, Record};
@@ -429,16 +441,35 @@ pub struct SampleSet {
     pub references: Vec<PathBuf>,
 }
 
+/// The results lines of every entry's evaluation folder (a torn last line left out).
+pub fn read_records(entries: &[Entry]) -> Result<compare::RecordsByDir> {
+    let mut out = compare::RecordsByDir::new();
+    for e in entries {
+        if !out.contains_key(&e.eval_dir) {
+            let (records, _) = read_results(&e.eval_dir.join(crate::eval::store::RESULTS_FILE))?;
+            out.insert(e.eval_dir.clone(), records);
+        }
+    }
+    Ok(out)
+}
+
 /// Up to `per_cell` generated images of each entry, split-test first (then classic), by key.
-pub fn samples(entries: &[Entry], per_cell: usize) -> Result<Vec<SampleSet>> {
+pub fn samples(
+    entries: &[Entry],
+    records: &compare::RecordsByDir,
+    per_cell: usize,
+) -> Result<Vec<SampleSet>> {
     let mut out = Vec::new();
     for e in entries {
-        let (mut records, _) = read_results(&e.eval_dir.join(crate::eval::store::RESULTS_FILE))?;
-        records.sort_by(|a: &Record, b: &Record| {
+        let mut records: Vec<&Record> = records
+            .get(&e.eval_dir)
+            .map(|v| v.iter().collect())
+            .unwrap_or_default();
+        records.sort_by(|a: &&Record, b: &&Record| {
             ((a.split != Split::Test), &a.key).cmp(&((b.split != Split::Test), &b.key))
         });
         let chosen: Vec<&Record> = records
-            .iter()
+            .into_iter()
             .filter(|r| {
                 let p = Path::new(&r.image);
                 p.is_absolute() && p.is_file() || e.eval_dir.join(p).is_file()
@@ -477,6 +508,23 @@ pub struct ReportJson {
     pub runs: Vec<RunRef>,
     pub skipped: Vec<Skipped>,
     pub tables: Vec<Table>,
+    /// The paired comparisons (differences B − A).
+    pub paired: Vec<compare::PairedResult>,
+    /// The bootstrap behind their intervals.
+    pub bootstrap: BootstrapJson,
+    /// The results keys of the qualitative grid's rows, top to bottom.
+    pub qualitative_rows: Vec<String>,
+    /// The runs whose held-out losses are plotted.
+    pub loss_runs: Vec<String>,
+}
+
+/// How the paired intervals were computed.
+#[derive(Clone, Debug, Serialize)]
+pub struct BootstrapJson {
+    pub method: &'static str,
+    pub level: f64,
+    pub resamples: usize,
+    pub seed: u64,
 }
 
 /// One evaluated run in `report.json`.
@@ -495,6 +543,7 @@ pub struct Written {
     pub files: Vec<PathBuf>,
     pub skipped: Vec<Skipped>,
     pub entries: usize,
+    pub paired: Vec<compare::PairedResult>,
 }
 
 /// Options of [`write_report`].
@@ -504,6 +553,19 @@ pub struct ReportOptions {
     pub grid_images: usize,
     /// Thumbnail edge in pixels.
     pub thumb: u32,
+    /// Comparisons asked for beside the automatic + variant vs base ones (`--compare`).
+    pub compare: Vec<(compare::Side, compare::Side)>,
+    /// Bootstrap resamples of the paired intervals.
+    pub resamples: usize,
+    /// Bootstrap seed.
+    pub seed: u64,
+    /// Rows of the qualitative grid (`None`: one per subject, at most 8; 0: no grid).
+    pub grid_rows: Option<usize>,
+    /// Cell edge of the qualitative grid, pixels.
+    pub grid_cell: u32,
+    /// The dataset folder holding the reference test images (`None`: the one each evaluation
+    /// recorded).
+    pub data: Option<PathBuf>,
 }
 
 impl Default for ReportOptions {
@@ -511,6 +573,12 @@ impl Default for ReportOptions {
         Self {
             grid_images: 4,
             thumb: 128,
+            compare: Vec::new(),
+            resamples: paired::DEFAULT_RESAMPLES,
+            seed: paired::DEFAULT_SEED,
+            grid_rows: None,
+            grid_cell: 160,
+            data: None,
         }
     }
 }
@@ -529,6 +597,8 @@ pub fn write_report(sweep: &Path, out: &Path, opts: &ReportOptions) -> Result<Wr
                 .unwrap_or_default()
         );
     }
+    let comparisons = compare::plan(&entries, &opts.compare)?;
+    let records = read_records(&entries)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let tables = tables(&entries);
     let mut files = Vec::new();
@@ -575,8 +645,74 @@ pub fn write_report(sweep: &Path, out: &Path, opts: &ReportOptions) -> Result<Wr
             });
         }
     }
-    let sample_sets = samples(&entries, opts.grid_images)?;
-    let page = html::page(sweep, &entries, &tables, &plots, &sample_sets, opts.thumb)?;
+    let paired = compare::compute(&entries, &records, &comparisons, opts.resamples, opts.seed);
+    if !paired.is_empty() {
+        write("paired.csv", compare::paired_csv(&paired).as_bytes())?;
+        write(
+            "paired-subjects.csv",
+            compare::subjects_csv(&paired).as_bytes(),
+        )?;
+    }
+    let columns = qualitative::columns(&entries);
+    let mut subjects: Vec<String> = entries
+        .iter()
+        .filter(|e| e.summary.test.is_some())
+        .map(|e| e.subject.clone())
+        .collect();
+    subjects.sort();
+    subjects.dedup();
+    let no_records = Vec::new();
+    let choices = qualitative::choose_rows(
+        &subjects,
+        &columns,
+        |subject, c| {
+            entries
+                .iter()
+                .filter(|e| e.subject == subject && e.method == c.0 && e.schedule == c.1)
+                .flat_map(|e| records.get(&e.eval_dir).unwrap_or(&no_records))
+                .collect()
+        },
+        opts.grid_rows,
+    );
+    let mut qualitative_plot = None;
+    if !choices.is_empty() {
+        let rows = qualitative::load(&entries, &records, &columns, &choices, opts.data.as_deref())?;
+        let png = qualitative::png(&qualitative::compose(&columns, &rows, opts.grid_cell)?)?;
+        write("qualitative.png", &png)?;
+        qualitative_plot = Some(html::Plot {
+            title: format!(
+                "Qualitative comparison: {} held-out test image(s), each method's image from                  the same caption and seed",
+                choices.len()
+            ),
+            file: "qualitative.png".into(),
+            png,
+        });
+    }
+    let loss_series = losses::gather(&entries)?;
+    let mut loss_plot = None;
+    if !loss_series.is_empty() {
+        let png = plot::loss_curves(&loss_series)?;
+        write("losses.png", &png)?;
+        loss_plot = Some(html::Plot {
+            title: "Held-out and training-reference loss over training steps".into(),
+            file: "losses.png".into(),
+            png,
+        });
+    }
+    let sample_sets = samples(&entries, &records, opts.grid_images)?;
+    let page = html::page(&html::PageParts {
+        sweep,
+        entries: &entries,
+        tables: &tables,
+        plots: &plots,
+        samples: &sample_sets,
+        thumb: opts.thumb,
+        paired: &paired,
+        resamples: opts.resamples,
+        seed: opts.seed,
+        qualitative: qualitative_plot.as_ref(),
+        losses: loss_plot.as_ref(),
+    })?;
     write("report.html", page.as_bytes())?;
     let json = ReportJson {
         sweep: sweep.display().to_string(),
@@ -591,6 +727,18 @@ pub fn write_report(sweep: &Path, out: &Path, opts: &ReportOptions) -> Result<Wr
             .collect(),
         skipped: skipped.clone(),
         tables: tables.clone(),
+        paired: paired.clone(),
+        bootstrap: BootstrapJson {
+            method: "percentile, two-level cluster (subjects, then images within each subject)",
+            level: 0.95,
+            resamples: opts.resamples,
+            seed: opts.seed,
+        },
+        qualitative_rows: choices.iter().map(|c| c.key.clone()).collect(),
+        loss_runs: loss_series
+            .iter()
+            .map(|l| l.run_dir.display().to_string())
+            .collect(),
     };
     write(
         "report.json",
@@ -601,6 +749,7 @@ pub fn write_report(sweep: &Path, out: &Path, opts: &ReportOptions) -> Result<Wr
         files,
         skipped,
         entries: entries.len(),
+        paired,
     })
 }
 

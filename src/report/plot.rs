@@ -2,6 +2,8 @@
 //!
 //! - [`schedule_bars`]: one panel per metric (CLIP-T, CLIP-I, DINO), a bar per contrastive-weight
 //!   schedule with its standard error (the paper's Fig. 7);
+//! - [`loss_curves`]: held-out and training-reference loss over training steps, a panel per
+//!   subject (issue 23);
 //! - [`method_bubbles`]: every (method, schedule) as a bubble at (DINO, CLIP-I) whose area grows
 //!   with CLIP-T, coloured by method [`Family`], with an arrow from each base method to its +
 //!   variant (the paper's Fig. 5; the geometry is [`bubble_layout`]'s).
@@ -11,6 +13,7 @@
 //! Value axes are zoomed to the data (differences between schedules are small); the tables
 //! carry the exact numbers.
 
+use super::losses::LossSeries;
 use super::{known_method, Row, Table, NO_SCHEDULE};
 use crate::eval::checkpoints::{StepScores, PROTOCOLS};
 use crate::eval::summary::{Metrics, Stat};
@@ -24,10 +27,10 @@ use std::sync::OnceLock;
 
 static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 /// The family name the plots ask for.
-const FONT: &str = "sans-serif";
+pub(super) const FONT: &str = "sans-serif";
 
 /// Register the bundled font with plotters (once per process).
-fn ensure_font() -> Result<()> {
+pub(super) fn ensure_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
         plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok()
@@ -659,6 +662,128 @@ pub fn training_curves(title: &str, steps: &[StepScores]) -> Result<Vec<u8>> {
     })
 }
 
+/// Held-out and training-reference loss over training steps (PNG; issue 23): one panel per
+/// subject (two panels a row), a colour per (method, schedule), the held-out loss solid with
+/// dots and the training-reference loss dashed. A run whose held-out loss rises while its
+/// training-reference loss keeps falling is overfitting.
+pub fn loss_curves(series: &[LossSeries]) -> Result<Vec<u8>> {
+    let mut subjects: Vec<&str> = series.iter().map(|s| s.subject.as_str()).collect();
+    subjects.dedup();
+    // Colours by label, the same in every panel.
+    let mut labels: Vec<String> = Vec::new();
+    for s in series {
+        let l = s.label();
+        if !labels.contains(&l) {
+            labels.push(l);
+        }
+    }
+    let cols = if subjects.len() > 1 { 2 } else { 1 };
+    let rows = subjects.len().div_ceil(cols).max(1);
+    let (pw, ph) = (720u32, 400u32);
+    render(pw * cols as u32, 60 + ph * rows as u32, |root| {
+        let area = root
+            .titled(
+                "Held-out loss (solid) and training-reference loss (dashed) over training",
+                (FONT, 24),
+            )
+            .map_err(err)?;
+        let panels = area.split_evenly((rows, cols));
+        for (panel, subject) in panels.iter().zip(&subjects) {
+            let mine: Vec<&LossSeries> = series.iter().filter(|s| s.subject == *subject).collect();
+            let steps = mine
+                .iter()
+                .flat_map(|s| s.points.iter().map(|p| p.step as f64));
+            let (x_lo, x_hi) = steps.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+                (a.min(x), b.max(x))
+            });
+            let pad = ((x_hi - x_lo) * 0.05).max(0.5);
+            let vals: Vec<Stat> = mine
+                .iter()
+                .flat_map(|s| s.points.iter())
+                .flat_map(|p| [p.heldout, p.train_ref])
+                .flatten()
+                .map(|v| Stat { mean: v, se: None })
+                .collect();
+            let (lo, hi) = value_range(&vals);
+            let mut chart = ChartBuilder::on(panel)
+                .caption(*subject, (FONT, 20))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d((x_lo - pad)..(x_hi + pad), lo..hi)
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .max_light_lines(1)
+                .x_desc("training step")
+                .y_desc("loss")
+                .x_label_formatter(&|x| {
+                    if (x - x.round()).abs() < 1e-9 {
+                        format!("{x:.0}")
+                    } else {
+                        String::new()
+                    }
+                })
+                .y_label_formatter(&|y| format!("{y:.4}"))
+                .label_style((FONT, 15))
+                .axis_desc_style((FONT, 17))
+                .draw()
+                .map_err(err)?;
+            for s in &mine {
+                let label = s.label();
+                let c = color(labels.iter().position(|l| *l == label).unwrap_or(0));
+                let held: Vec<(f64, f64)> = s
+                    .points
+                    .iter()
+                    .filter_map(|p| p.heldout.map(|v| (p.step as f64, v)))
+                    .collect();
+                let train: Vec<(f64, f64)> = s
+                    .points
+                    .iter()
+                    .filter_map(|p| p.train_ref.map(|v| (p.step as f64, v)))
+                    .collect();
+                if !held.is_empty() {
+                    chart
+                        .draw_series(std::iter::once(PathElement::new(
+                            held.clone(),
+                            c.stroke_width(3),
+                        )))
+                        .map_err(err)?
+                        .label(label.clone())
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3))
+                        });
+                    chart
+                        .draw_series(held.iter().map(|p| Circle::new(*p, 4, c.filled())))
+                        .map_err(err)?;
+                }
+                if !train.is_empty() {
+                    chart
+                        .draw_series(std::iter::once(plotters::element::DashedPathElement::new(
+                            train.clone(),
+                            8,
+                            6,
+                            c.stroke_width(2),
+                        )))
+                        .map_err(err)?;
+                    chart
+                        .draw_series(train.iter().map(|p| TriangleMarker::new(*p, 5, c.filled())))
+                        .map_err(err)?;
+                }
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font((FONT, 15))
+                .draw()
+                .map_err(err)?;
+        }
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -907,6 +1032,29 @@ mod tests {
     }
 
     /// The plots render to PNGs of the expected size with text and colour on them.
+    /// Two subjects, two runs each: held-out and training-reference losses at 3 steps.
+    fn loss_series() -> Vec<LossSeries> {
+        let mut out = Vec::new();
+        for subject in ["cat", "dog"] {
+            for (k, (m, s)) in [("ti", NO_SCHEDULE), ("ti+", "cosine")].iter().enumerate() {
+                out.push(LossSeries {
+                    subject: subject.into(),
+                    method: m.to_string(),
+                    schedule: s.to_string(),
+                    run_dir: "run".into(),
+                    points: (1..=3)
+                        .map(|i| super::super::losses::LossPoint {
+                            step: i * 10,
+                            heldout: Some(0.2 + 0.01 * (i as f64 - 2.0).powi(2) + 0.02 * k as f64),
+                            train_ref: Some(0.2 - 0.02 * i as f64),
+                        })
+                        .collect(),
+                });
+            }
+        }
+        out
+    }
+
     #[test]
     fn plots_render_with_text() {
         let table = Table {
@@ -930,6 +1078,7 @@ mod tests {
                 training_curves("dog: neti+ on dog, scores over training", &curve_steps()).unwrap(),
                 (960, 1020),
             ),
+            (loss_curves(&loss_series()).unwrap(), (1440, 460)),
         ] {
             let img = image::load_from_memory(&png).unwrap().to_rgb8();
             assert_eq!(img.dimensions(), (w, h));
