@@ -152,6 +152,10 @@ mod tests {
         // report
         (&["report", "sweep"], "--thumb", "0", "64"),
         (&["report", "sweep"], "--grid-images", "0", "4"),
+        (&["report", "sweep"], "--resamples", "0", "100"),
+        (&["report", "sweep"], "--grid", "-1", "0"),
+        (&["report", "sweep"], "--grid-cell", "31", "32"),
+        (&["report", "sweep"], "--grid-cell", "1025", "1024"),
     ];
 
     #[test]

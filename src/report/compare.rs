@@ -383,11 +383,12 @@ pub fn compute(
                 let per_subject = p
                     .subjects
                     .iter()
-                    .filter(|(_, v)| !v.is_empty())
-                    .map(|(s, v)| SubjectDiff {
+                    .map(|(s, images)| (s, paired::group(images)))
+                    .filter(|(_, g)| !g.is_empty())
+                    .map(|(s, g)| SubjectDiff {
                         subject: s.clone(),
-                        pairs: v.len(),
-                        mean: paired::pooled_mean(&[v.as_slice()]),
+                        pairs: g.iter().map(|i| i.len()).sum(),
+                        mean: paired::pooled_mean(&[g]),
                     })
                     .collect::<Vec<_>>();
                 PairedResult {
