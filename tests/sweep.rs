@@ -248,11 +248,22 @@ fn check_report_folder(dir: &Path) {
             assert!(img.width() > 500 && img.height() > 500, "{png}");
         }
     }
+    // The qualitative grid: one row per subject (dog, cat), the two neti+ schedules as columns.
+    let grid = image::open(dir.join("qualitative.png")).unwrap();
+    let layout = attractor::report::qualitative::Layout {
+        cell: 160,
+        columns: 2,
+        rows: 2,
+    };
+    assert_eq!((grid.width(), grid.height()), layout.size());
+    // No base method to pair neti+ with, no held-out losses logged: neither file.
+    assert!(!dir.join("paired.csv").exists() && !dir.join("losses.png").exists());
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
-    // Self-contained: 4 plots, 2 references x 2 subjects, 4 runs x 4 samples, all inline.
+    // Self-contained: 4 plots and the grid, 2 references x 2 subjects, 4 runs x 4 samples, all
+    // inline.
     let plots = html.matches("src=\"data:image/png;base64,").count();
     let thumbs = html.matches("src=\"data:image/jpeg;base64,").count();
-    assert_eq!((plots, thumbs), (4, 4 + 16), "inline images");
+    assert_eq!((plots, thumbs), (5, 4 + 16), "inline images");
     assert!(!html.contains("src=\"http") && !html.contains("src=\"/"));
     for needle in [
         "split-test protocol",
@@ -396,7 +407,18 @@ fn sweep_of_every_method_reports_all_eight() {
         &methods,
     ];
     args.splice(dashes..dashes, mine.iter().map(|s| s.to_string()));
-    args.extend(["--prior-images", "1", "--prior-steps", "2"].map(String::from));
+    // The held-out loss at both steps, for the report's loss panel.
+    args.extend(
+        [
+            "--prior-images",
+            "1",
+            "--prior-steps",
+            "2",
+            "--heldout-every",
+            "1",
+        ]
+        .map(String::from),
+    );
     let env = [
         ("ATTRACTOR_BIN", bin.to_str().unwrap()),
         ("ATTRACTOR_CACHE", cache.to_str().unwrap()),
@@ -508,6 +530,84 @@ fn sweep_of_every_method_reports_all_eight() {
             "report.html lacks {m}"
         );
     }
+
+    // Paired comparisons: each + variant against its base, split-test only, 3 metrics each;
+    // the 2 generated images of each run pair up (same keys and seeds in every method).
+    let paired = std::fs::read_to_string(report.join("paired.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = paired
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 3 * 3, "{paired}");
+    for (i, (a, b)) in [
+        ("ti", "ti+"),
+        ("neti", "neti+"),
+        ("dreambooth-lora", "dreambooth-lora+"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for (k, metric) in ["clip_t", "clip_i", "dino"].iter().enumerate() {
+            let r = &rows[3 * i + k];
+            assert_eq!(
+                r[..9],
+                [*a, "-", *b, "cosine", "split-test", *metric, "1", "2", "0"],
+                "{paired}"
+            );
+            let (mean, lo, hi): (f64, f64, f64) = (
+                r[9].parse().unwrap(),
+                r[10].parse().unwrap(),
+                r[11].parse().unwrap(),
+            );
+            assert!(lo <= mean && mean <= hi, "{paired}");
+        }
+    }
+    // The means are the differences of the table's rows (both pool the same 2 images).
+    let mean_of = |m: &str| -> f64 {
+        let row = json["tables"][0]["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["method"] == m)
+            .unwrap();
+        row["metrics"]["dino"]["mean"].as_f64().unwrap()
+    };
+    let dino: f64 = rows[2][9].parse().unwrap();
+    assert!(
+        (dino - (mean_of("ti+") - mean_of("ti"))).abs() < 1e-5,
+        "{paired}"
+    );
+    let subjects = std::fs::read_to_string(report.join("paired-subjects.csv")).unwrap();
+    assert_eq!(subjects.lines().count(), 1 + 3, "{subjects}");
+    assert!(
+        html.contains("ti+ cosine − ti"),
+        "report.html lacks the paired table"
+    );
+
+    // The qualitative grid: one subject, one row, all eight methods as columns.
+    let grid = image::open(report.join("qualitative.png")).unwrap();
+    let layout = attractor::report::qualitative::Layout {
+        cell: 160,
+        columns: 8,
+        rows: 1,
+    };
+    assert_eq!((grid.width(), grid.height()), layout.size());
+
+    // The loss panel, from every run's metrics.jsonl (held-out and training-reference loss at
+    // steps 1 and 2).
+    for m in ALL_METHODS {
+        let run = sweep.join("runs/dog").join(m).join(schedule(m));
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let points = attractor::report::losses::parse_metrics(&text);
+        assert_eq!(points.len(), 2, "{m}: {text}");
+        assert!(points
+            .iter()
+            .all(|p| p.heldout.is_some() && p.train_ref.is_some()));
+    }
+    let losses = image::open(report.join("losses.png")).unwrap();
+    assert!(losses.width() > 500 && losses.height() > 300);
+    assert!(html.contains("Held-out and training-reference loss"));
 }
 
 /// Usage errors name the fix; the help lists the knobs.

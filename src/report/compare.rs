@@ -267,6 +267,10 @@ fn incompatibility(a: &Entry, b: &Entry) -> Option<String> {
 /// The results lines of each evaluation folder, by folder.
 pub type RecordsByDir = BTreeMap<PathBuf, Vec<Record>>;
 
+/// One (comparison, protocol) to bootstrap: its pairs, the subjects only one side evaluated,
+/// and the subjects left out as scored differently (with why).
+type Job = (Comparison, Split, Pairs, Vec<String>, Vec<(String, String)>);
+
 /// Pair and bootstrap every comparison on both protocols (each where either side has lines):
 /// `resamples` two-level bootstrap resamples from a seed derived from `seed` and the row (see
 /// [`paired::job_seed`]), the rows computed in parallel (same numbers whatever the thread
@@ -280,7 +284,7 @@ pub fn compute(
 ) -> Vec<PairedResult> {
     let no_records: Vec<Record> = Vec::new();
     let lines = |e: &Entry| records.get(&e.eval_dir).unwrap_or(&no_records);
-    let mut jobs: Vec<(Comparison, Split, Pairs, Vec<String>, Vec<(String, String)>)> = Vec::new();
+    let mut jobs: Vec<Job> = Vec::new();
     for c in comparisons {
         for split in [Split::Test, Split::Train] {
             let has = |e: &Entry| match split {

@@ -681,7 +681,8 @@ pub fn write_report(sweep: &Path, out: &Path, opts: &ReportOptions) -> Result<Wr
         write("qualitative.png", &png)?;
         qualitative_plot = Some(html::Plot {
             title: format!(
-                "Qualitative comparison: {} held-out test image(s), each method's image from                  the same caption and seed",
+                "Qualitative comparison: {} held-out test image(s), each method's image from the same \
+                 caption and seed",
                 choices.len()
             ),
             file: "qualitative.png".into(),

@@ -482,13 +482,13 @@ mod tests {
     #[test]
     fn chooses_rows_deterministically() {
         let cols: Vec<Column> = vec![("ti".into(), "-".into()), ("ti+".into(), "cosine".into())];
-        let dog_ti = vec![rec("dog", "01.jpg", 0, 0), rec("dog", "02.jpg", 1, 0)];
-        let dog_plus = vec![
+        let dog_ti = [rec("dog", "01.jpg", 0, 0), rec("dog", "02.jpg", 1, 0)];
+        let dog_plus = [
             rec("dog", "02.jpg", 1, 0),
             rec("dog", "02.jpg", 0, 1),
             rec("dog", "01.jpg", 2, 0),
         ];
-        let cat = vec![rec("cat", "05.jpg", 0, 0), rec("cat", "04.jpg", 0, 0)];
+        let cat = [rec("cat", "05.jpg", 0, 0), rec("cat", "04.jpg", 0, 0)];
         let lines = |s: &str, c: &Column| -> Vec<&Record> {
             match (s, c.0.as_str()) {
                 ("dog", "ti") => dog_ti.iter().collect(),
