@@ -108,7 +108,10 @@ impl ClipTokenizer {
             .iter()
             .map(|t| AddedToken::from(t.as_ref().to_string(), false))
             .collect();
-        self.inner.add_tokens(&added);
+        self.inner.add_tokens(added).map_err(|e| {
+            let names: Vec<&str> = tokens.iter().map(|t| t.as_ref()).collect();
+            TokenError::NotAdded(format!("{} ({e})", names.join(", ")))
+        })?;
         tokens
             .iter()
             .map(|t| {
