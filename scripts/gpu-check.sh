@@ -8,6 +8,7 @@
 #
 # Writes to OUT (default: $OUT if set, else gpu-check-out): parity.log, bench-DTYPE.json and
 # bench-DTYPE.log per model precision (--dtypes: default f32 and bf16 on a GPU, f32 on the CPU),
+# bench-generate-DTYPE.json/.log (batched generation at 1, 4, 8 and 16 images per step),
 # gpu-memory-DTYPE.csv (nvidia-smi samples every 200 ms during the benchmark: the peak GPU
 # memory of each case, which the benchmark's resident-memory column does not see) and
 # summary.txt. The parity run includes tests/half_precision.rs, which trains and samples the
@@ -104,8 +105,14 @@ if [[ $bench == 1 ]]; then
         "$bin/attractor" bench --device "$device" --dtype "$dtype" --sizes "$sizes" --runs "$runs" \
             --json "$out/bench-$dtype.json" 2>&1 | tee "$out/bench-$dtype.log"
         benchrc=${PIPESTATUS[0]}
+        # Batched generation (eval/sample --batch): images per second at each batch, and the
+        # projected time of the paper's 10,000-image, 50-step evaluation on this GPU.
+        "$bin/attractor" bench --device "$device" --dtype "$dtype" --sizes "$sizes" --runs "$runs" \
+            --cases generate --batches 1,4,8,16 --json "$out/bench-generate-$dtype.json" 2>&1 |
+            tee "$out/bench-generate-$dtype.log"
+        genrc=${PIPESTATUS[0]}
         [[ -n "$smi" ]] && kill "$smi" 2>/dev/null
-        say "bench ($dtype) exit $benchrc"
+        say "bench ($dtype) exit $benchrc; generate exit $genrc"
         if [[ -s "$mem" ]]; then
             say "peak GPU memory during the $dtype benchmark: $(awk -F', ' '$2 > m {m = $2} END {print m}' "$mem") MiB"
         fi

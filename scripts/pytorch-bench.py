@@ -22,6 +22,13 @@ learned rows only, injected after the token embedding):
   neti+   as ti+, with 16 rows per token: the text encoder on 48 prompts, per-layer contexts;
   sample  UNet forward on batch 2 with a random context, classifier-free guidance at 7.5, no grad.
 
+  generate  one guided sampling step of N images (--batches, default 1,4,8) through diffusers'
+          StableDiffusionPipeline itself: num_images_per_prompt=N, num_inference_steps=1, DDIM
+          (the configs/sd15 scheduler), guidance 7.5, output_type="latent" (no VAE decode), the
+          prompt's embeddings passed in (no text encoding: once per image, not per step), as
+          `attractor bench --cases generate` times StableDiffusion::denoise. Its lines carry
+          "batch"; `attractor bench --pytorch` pairs them by (size, batch).
+
 The weight-training baselines: one whole training step (forward, backward, clip_grad_norm_(1.0),
 AdamW step, zero_grad) as diffusers' example trainers take it at their defaults, with prior
 preservation (instance prompts first, then class prompts, as their collate_fn batches them), DDPM
@@ -64,6 +71,7 @@ the models are built from the configs.
     python3 scripts/pytorch-bench.py --sizes 256 --cases ti+,neti+ --runs 2 --out pt.json
     python3 scripts/pytorch-bench.py --sizes 512 --cases dreambooth-lora,custom-diffusion,dreambooth \\
         --runs 2 --out pt.json
+    python3 scripts/pytorch-bench.py --sizes 256,512 --cases generate --batches 1,4,8 --out pt.json
 """
 
 import argparse
@@ -112,6 +120,60 @@ DREAMBOOTH_PROMPTS = [[BOS, 320, 1125, 539, 48136, 1929], [BOS, 320, 1125, 539, 
 CUSTOM_PROMPTS = [[BOS, 1125, 539, 320, SLOT, 1929], [BOS, 1125, 539, 320, 1929]]
 CUSTOM_SLOT = 4
 BASELINES = ("dreambooth", "dreambooth-lora", "custom-diffusion")
+GENERATE = "generate"
+
+
+def run_generate(size, batch, runs, seed):
+    """One guided DDIM step of `batch` images through StableDiffusionPipeline (see the doc)."""
+    import torch
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(
+        UNet2DConditionModel.load_config(os.path.join(CONFIGS, "unet"))
+    ).eval()
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(CONFIGS, "vae"))).eval()
+    text_cfg = CLIPTextConfig.from_json_file(os.path.join(CONFIGS, "text_encoder", "config.json"))
+    te = CLIPTextModel(text_cfg).eval()
+    scheduler = DDIMScheduler.from_pretrained(os.path.join(CONFIGS, "scheduler"))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=te, tokenizer=None, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    length = text_cfg.max_position_embeddings
+    ids = torch.tensor([[BOS, 320, 1125, 539, 320, 1929] + [EOS] * (length - 6)])
+    with torch.no_grad():
+        cond = te(ids).last_hidden_state
+        uncond = te(torch.tensor([[BOS] + [EOS] * (length - 1)])).last_hidden_state
+
+    def once():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_images_per_prompt=batch,
+                       num_inference_steps=1, guidance_scale=7.5, height=size, width=size,
+                       output_type="latent").images
+        assert out.shape[0] == batch and torch.isfinite(out).all()
+        return time.perf_counter() - t0
+
+    once()  # warm-up
+    totals = [once() for _ in range(runs)]
+    return {
+        "case": GENERATE,
+        "size": size,
+        "batch": batch,
+        "runs": runs,
+        "median_s": statistics.median(totals),
+        "forward_s": statistics.median(totals),
+        "backward_s": 0.0,
+        "all_s": totals,
+        "peak_gib": vm_hwm_gib(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+    }
 
 
 def attn2_order(unet):
@@ -455,29 +517,38 @@ def main():
     p.add_argument("--cases", default="ti,sample")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batches", default="1,4,8", help="images per step of the generate case")
     p.add_argument("--out", help="append one JSON line per case to this file")
-    p.add_argument("--child", nargs=2, metavar=("CASE", "SIZE"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, metavar=("CASE", "SIZE", "BATCH"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(run_case(a.child[0], int(a.child[1]), a.runs, a.seed)))
+        case, size, batch = a.child[0], int(a.child[1]), int(a.child[2])
+        if case == GENERATE:
+            print(json.dumps(run_generate(size, batch, a.runs, a.seed)))
+        else:
+            print(json.dumps(run_case(case, size, a.runs, a.seed)))
         return
+    known = [*CASES, *BASELINES, GENERATE]
     for size in (int(s) for s in a.sizes.split(",")):
         for case in a.cases.split(","):
-            if case not in CASES and case not in BASELINES:
-                sys.exit(f"unknown case {case!r}: this script times {', '.join([*CASES, *BASELINES])}")
-            load = os.getloadavg()[0]
-            cmd = [sys.executable, __file__, "--runs", str(a.runs), "--seed", str(a.seed),
-                   "--child", case, str(size)]
-            res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            row = json.loads(res.stdout.strip().splitlines()[-1])
-            row["load"] = load
-            opt = f" / opt {row['optimizer_s']:.2f}" if "optimizer_s" in row else ""
-            print(f"{case:16} {size:4} px  median {row['median_s']:6.2f} s "
-                  f"(fwd {row['forward_s']:.2f} / bwd {row['backward_s']:.2f}{opt})  "
-                  f"peak {row['peak_gib']:.2f} GiB  load {load:.2f}", flush=True)
-            if a.out:
-                with open(a.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            if case not in known:
+                sys.exit(f"unknown case {case!r}: this script times {', '.join(known)}")
+            batches = [int(b) for b in a.batches.split(",")] if case == GENERATE else [0]
+            for batch in batches:
+                load = os.getloadavg()[0]
+                cmd = [sys.executable, __file__, "--runs", str(a.runs), "--seed", str(a.seed),
+                       "--child", case, str(size), str(batch)]
+                res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                row = json.loads(res.stdout.strip().splitlines()[-1])
+                row["load"] = load
+                opt = f" / opt {row['optimizer_s']:.2f}" if "optimizer_s" in row else ""
+                name = f"{case}/{batch}" if case == GENERATE else case
+                print(f"{name:16} {size:4} px  median {row['median_s']:6.2f} s "
+                      f"(fwd {row['forward_s']:.2f} / bwd {row['backward_s']:.2f}{opt})  "
+                      f"peak {row['peak_gib']:.2f} GiB  load {load:.2f}", flush=True)
+                if a.out:
+                    with open(a.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

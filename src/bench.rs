@@ -172,10 +172,17 @@ pub enum Case {
     #[value(name = "heldout")]
     #[serde(rename = "heldout")]
     HeldOut,
+    /// One guided sampling step of a batch of images through the pipeline's own
+    /// `StableDiffusion::denoise` (`eval/sample --batch N`): the UNet on 2N rows, guidance and
+    /// the DDIM update, text encoding and VAE decode left out (once per image, not per step).
+    /// Run at each of `bench --batches`; the report divides by N for the cost per image-step.
+    #[value(name = "generate")]
+    #[serde(rename = "generate")]
+    Generate,
 }
 
 impl Case {
-    pub const ALL: [Case; 9] = [
+    pub const ALL: [Case; 10] = [
         Case::Ti,
         Case::Neti,
         Case::TiPlus,
@@ -185,6 +192,7 @@ impl Case {
         Case::DreamBoothLora,
         Case::CustomDiffusion,
         Case::HeldOut,
+        Case::Generate,
     ];
 
     /// What `bench` runs without `--cases`: all but the full DreamBooth fine-tune, whose
@@ -211,12 +219,13 @@ impl Case {
             Case::DreamBoothLora => "dreambooth-lora",
             Case::CustomDiffusion => "custom-diffusion",
             Case::HeldOut => "heldout",
+            Case::Generate => "generate",
         }
     }
 
     /// True when the case runs a backward pass.
     pub fn trains(self) -> bool {
-        !matches!(self, Case::Sample | Case::HeldOut)
+        !matches!(self, Case::Sample | Case::HeldOut | Case::Generate)
     }
 
     /// The training method whose real [`Trainer`] step this case times, if it is one.
@@ -476,7 +485,8 @@ fn run_timed(models: &BenchModels, inputs: &CaseInputs) -> Result<RunTimes> {
         | Case::DreamBooth
         | Case::DreamBoothLora
         | Case::CustomDiffusion
-        | Case::HeldOut => {
+        | Case::HeldOut
+        | Case::Generate => {
             candle_core::bail!("the {} case runs through the trainer", inputs.case.name())
         }
         Case::Sample => {
@@ -594,6 +604,9 @@ fn parse_kib(text: &str, key: &str) -> Option<u64> {
 pub struct CaseResult {
     pub case: Case,
     pub size: usize,
+    /// Images per step (the `generate` case); `None` for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
     /// Every run, in order.
     pub runs: Vec<RunTimes>,
     /// Median of the runs' totals, seconds.
@@ -611,11 +624,12 @@ pub struct CaseResult {
 
 /// Build the models, run `case` at `size` `warmup` times untimed (the first step also touches
 /// every weight and grows the allocator's heap; PyTorch's script warms up the same way), then
-/// `runs` times timed.
+/// `runs` times timed. `batch`: images per step of the `generate` case (ignored by the others).
 pub fn measure(
     cfgs: &BenchConfigs,
     case: Case,
     size: usize,
+    batch: usize,
     (warmup, runs): (usize, usize),
     seed: u64,
     (device, dtype): (&Device, DType),
@@ -626,6 +640,55 @@ pub fn measure(
     }
     let start = Instant::now();
     let (all, build_s) = match case.trainer_method() {
+        None if case == Case::Generate => {
+            if batch == 0 {
+                anyhow::bail!("the generate case needs a batch of at least 1 image");
+            }
+            let sd = random_sd(cfgs, seed, (device, dtype))?;
+            let s = crate::pipeline::SampleSettings {
+                steps: 1,
+                height: size,
+                width: size,
+                ..Default::default()
+            };
+            let seeds: Vec<u64> = (0..batch as u64).map(|i| seed + i).collect();
+            let latents = sd.initial_latents_batch(&s, &seeds)?;
+            let uncond = sd.encode_prompt("", None)?;
+            let prompts = vec!["a photo of a dog"; batch];
+            let ids = prompts
+                .iter()
+                .map(|p| sd.tokenize(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let cond = Conditioning::Shared(sd.text.forward(&Tensor::cat(&ids, 0)?, None)?);
+            let build_s = start.elapsed().as_secs_f64();
+            let mut all = Vec::with_capacity(runs);
+            for i in 0..warmup + runs {
+                let cpu0 = process_cpu_seconds();
+                let t0 = Instant::now();
+                let out = device.with_context(|| {
+                    sd.denoise(
+                        &s,
+                        latents.clone(),
+                        &uncond,
+                        &mut |_| Ok(cond.clone()),
+                        &mut |_, _| {},
+                    )
+                })?;
+                // Reading the sum back waits for the device and checks the step's output.
+                let total = out.sum_all()?.to_scalar::<f32>()?;
+                if !total.is_finite() {
+                    anyhow::bail!("the generated latents are not finite");
+                }
+                if i >= warmup {
+                    all.push(RunTimes {
+                        forward_s: t0.elapsed().as_secs_f64(),
+                        backward_s: 0.0,
+                        cpu_s: process_cpu_seconds() - cpu0,
+                    });
+                }
+            }
+            (all, build_s)
+        }
         None if case == Case::HeldOut => {
             let sd = random_sd(cfgs, seed, (device, dtype))?;
             let subject = BenchSubject::create(seed)?;
@@ -728,6 +791,7 @@ pub fn measure(
     Ok(CaseResult {
         case,
         size,
+        batch: (case == Case::Generate).then_some(batch),
         median_s: pick(RunTimes::total_s),
         median_forward_s: pick(|r| r.forward_s),
         median_backward_s: pick(|r| r.backward_s),
@@ -874,13 +938,22 @@ mod tests {
         let cfgs = BenchConfigs::from_dir(&root).unwrap();
         for dtype in [DType::F32, DType::F16] {
             for case in Case::ALL {
-                let r = measure(&cfgs, case, 64, (1, 2), 1, (&Device::Cpu, dtype)).unwrap();
+                let r = measure(&cfgs, case, 64, 3, (1, 2), 1, (&Device::Cpu, dtype)).unwrap();
                 assert_eq!(r.runs.len(), 2);
                 assert!(r.median_s > 0.0);
                 assert_eq!(r.median_backward_s > 0.0, case.trains());
+                assert_eq!(r.batch, (case == Case::Generate).then_some(3));
             }
         }
-        let e = measure(&cfgs, Case::Ti, 64, (0, 1), 1, (&Device::Cpu, DType::BF16));
+        let e = measure(
+            &cfgs,
+            Case::Ti,
+            64,
+            1,
+            (0, 1),
+            1,
+            (&Device::Cpu, DType::BF16),
+        );
         assert!(e
             .unwrap_err()
             .to_string()

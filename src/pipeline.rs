@@ -2,6 +2,13 @@
 //! prompts (with learned token rows spliced in), run a sampler with classifier-free guidance, and
 //! decode latents to images. Follows diffusers' `StableDiffusionPipeline.__call__`:
 //! `eps = eps_u + g * (eps_c - eps_u)` on a batch of [unconditional, conditional].
+//!
+//! Several images can share the UNet calls (`--batch N`): their latents are stacked into `[N, ..]`
+//! and the UNet runs on `2N` rows, `[N unconditional, N conditional]` (diffusers' order for
+//! `num_images_per_prompt`), each row with its own prompt's context. Every image still starts
+//! from its own seed's latents, and the samplers' updates are element-wise (DPM-Solver++'s
+//! history is a tensor of the same rows), so row `i` of a batch follows the same path as the
+//! image generated alone; latents are decoded one image at a time.
 
 use crate::hub::SdFiles;
 use crate::personalize::tokens::{ids_tensor, ClipTokenizer};
@@ -206,6 +213,23 @@ impl StableDiffusion {
     /// bytes). Latents stay f32 through sampling whatever the model's dtype; only the UNet's
     /// input and the VAE's are cast to it.
     pub fn initial_latents(&self, s: &SampleSettings, seed: u64) -> Result<Tensor> {
+        self.initial_latents_batch(s, &[seed])
+    }
+
+    /// Initial latents of a batch, `[N, 4, h/8, w/8]`: row `i` is [`Self::initial_latents`] of
+    /// `seeds[i]`, so an image's start does not depend on the batch it is generated in.
+    pub fn initial_latents_batch(&self, s: &SampleSettings, seeds: &[u64]) -> Result<Tensor> {
+        if seeds.is_empty() {
+            anyhow::bail!("no images to generate: the batch is empty");
+        }
+        let rows = seeds
+            .iter()
+            .map(|&seed| self.latents_of(s, seed))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    fn latents_of(&self, s: &SampleSettings, seed: u64) -> Result<Tensor> {
         let f = 1usize << (self.vae_config.block_out_channels.len() - 1);
         if !s.height.is_multiple_of(f) || !s.width.is_multiple_of(f) {
             anyhow::bail!(
@@ -219,10 +243,11 @@ impl StableDiffusion {
         Ok(rng.randn((1, c, s.height / f, s.width / f), &self.device)?)
     }
 
-    /// Denoise `latents` with classifier-free guidance. `cond(t)` gives the conditional branch's
-    /// conditioning at sampler timestep `t` (constant for plain prompts and TI; per timestep and
-    /// layer for NeTI); the unconditional branch uses `uncond` `[1, 77, D]`. `on_step` is called
-    /// after every step (progress bars).
+    /// Denoise `latents` `[N, 4, h, w]` (N images) with classifier-free guidance. `cond(t)` gives
+    /// the conditional branch's conditioning at sampler timestep `t`, one row per image
+    /// (constant for plain prompts and TI; per timestep and layer for NeTI); the unconditional
+    /// branch uses `uncond` `[1, 77, D]` for every image. The UNet runs once per step on `2N`
+    /// rows. `on_step` is called after every step (progress bars).
     pub fn denoise(
         &self,
         s: &SampleSettings,
@@ -234,15 +259,17 @@ impl StableDiffusion {
         let mut sampler = make_sampler(s.sampler, &self.schedule, &self.scheduler_config, s.steps)?;
         let timesteps: Vec<usize> = sampler.timesteps().to_vec();
         let mut x = (latents * sampler.init_noise_sigma())?;
+        let images = x.dim(0)?;
+        let uncond = repeat_rows(uncond, images)?;
         let n = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
             let c = cond(t)?;
-            let both = batch_conditioning(uncond, &c)?;
+            let both = batch_conditioning(&uncond, &c)?;
             let x_in = Tensor::cat(&[&x, &x], 0)?.to_dtype(self.dtype)?;
-            let tt = Tensor::new(&[t as f32, t as f32], &self.device)?;
+            let tt = Tensor::new(vec![t as f32; 2 * images], &self.device)?;
             let eps = self.unet.forward(&x_in, &tt, &both)?.to_dtype(DType::F32)?;
-            let eu = eps.narrow(0, 0, 1)?;
-            let ec = eps.narrow(0, 1, 1)?;
+            let eu = eps.narrow(0, 0, images)?;
+            let ec = eps.narrow(0, images, images)?;
             let guided = (&eu + ((ec - &eu)? * s.guidance)?)?;
             x = sampler.step(&guided, t, &x)?;
             on_step(i + 1, n);
@@ -259,6 +286,18 @@ impl StableDiffusion {
             .to_dtype(DType::F32)?)
     }
 
+    /// Decode final latents `[N, 4, h, w]` to 8-bit images, one image per VAE call: the decoder's
+    /// activations at 512 px are over 1 GB an image in f32, and it runs once per image against
+    /// the UNet's 50 steps, so batching it would save little and bound the batch size by memory.
+    pub fn decode_images(&self, latents: &Tensor) -> Result<Vec<image::RgbImage>> {
+        let mut out = Vec::with_capacity(latents.dim(0)?);
+        for i in 0..latents.dim(0)? {
+            let img = self.decode(&latents.narrow(0, i, 1)?)?;
+            out.extend(to_rgb_images(&img)?);
+        }
+        Ok(out)
+    }
+
     /// One image from a plain (or TI) prompt: the whole pipeline.
     pub fn generate(
         &self,
@@ -268,18 +307,92 @@ impl StableDiffusion {
         seed: u64,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<image::RgbImage> {
-        let uncond = self.encode_prompt(&s.negative_prompt, None)?;
-        let c = Conditioning::Shared(self.encode_prompt(prompt, extra)?);
-        let latents = self.initial_latents(s, seed)?;
-        let out = self.denoise(s, latents, &uncond, &mut |_| Ok(c.clone()), on_step)?;
-        let img = self.decode(&out)?;
-        to_rgb_images(&img)?
+        self.generate_batch(s, &[(prompt, seed)], extra, on_step)?
             .pop()
             .ok_or_else(|| anyhow::anyhow!("no image decoded"))
     }
+
+    /// One image per `(prompt, seed)` of `requests`, all in the same UNet calls (see the module
+    /// doc); each equals [`Self::generate`] of its own request.
+    pub fn generate_batch(
+        &self,
+        s: &SampleSettings,
+        requests: &[(&str, u64)],
+        extra: Option<&Tensor>,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<image::RgbImage>> {
+        let seeds: Vec<u64> = requests.iter().map(|r| r.1).collect();
+        let latents = self.initial_latents_batch(s, &seeds)?;
+        let uncond = self.encode_prompt(&s.negative_prompt, None)?;
+        let ids = requests
+            .iter()
+            .map(|(p, _)| self.tokenize(p))
+            .collect::<Result<Vec<_>>>()?;
+        let c = Conditioning::Shared(self.text.forward(&Tensor::cat(&ids, 0)?, extra)?);
+        let out = self.denoise(s, latents, &uncond, &mut |_| Ok(c.clone()), on_step)?;
+        self.decode_images(&out)
+    }
+
+    /// The `--batch` default: 1 on the CPU, where the matrix products of one image's two UNet
+    /// rows already fill the cores; on CUDA, as many images as fit in the free device memory
+    /// (see [`auto_batch`]).
+    pub fn default_batch(&self, s: &SampleSettings) -> usize {
+        match free_device_memory(&self.device) {
+            Some(free) => auto_batch(free, s, &self.unet.config, self.dtype),
+            None => 1,
+        }
+    }
 }
 
-/// Stack the unconditional and conditional branches into one batch-2 conditioning.
+/// Free memory of a CUDA device in bytes; `None` on the CPU (and in builds without CUDA).
+pub fn free_device_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _total)| free as u64);
+    }
+    let _ = device;
+    None
+}
+
+/// Images per UNet call that fit in `free` bytes of device memory: a conservative estimate of
+/// one image's working set during sampling (its two UNet rows' widest activations and the
+/// unfused attention scores of the first block, which dominate at 512 px), a quarter of the free
+/// memory kept back for the allocator's slack and the VAE, and at most 16 (beyond that a GPU
+/// gains little throughput and a failure loses more work).
+pub fn auto_batch(free: u64, s: &SampleSettings, unet: &UNetConfig, dtype: DType) -> usize {
+    let tokens = (s.height / 8) as u64 * (s.width / 8) as u64;
+    let heads = unet.heads() as u64;
+    let bytes = dtype.size_in_bytes() as u64;
+    let width = unet.block_out_channels.first().copied().unwrap_or(320) as u64;
+    // Per UNet row: the scores and probabilities of one self-attention ([H, L, L] twice), and
+    // some 32 feature maps of the first block's width alive at once.
+    let per_row = bytes * (2 * heads * tokens * tokens + 32 * width * tokens);
+    let per_image = 2 * per_row;
+    let usable = free / 4 * 3;
+    ((usable / per_image.max(1)) as usize).clamp(1, 16)
+}
+
+/// `t` `[1, ..]` repeated to `n` rows (unchanged when `n` is 1 or it already has `n` rows).
+fn repeat_rows(t: &Tensor, n: usize) -> Result<Tensor> {
+    let rows = t.dim(0)?;
+    if rows == n {
+        return Ok(t.clone());
+    }
+    if rows != 1 {
+        anyhow::bail!("the unconditional context has {rows} rows for a batch of {n} images");
+    }
+    let mut dims = vec![1usize; t.rank()];
+    dims[0] = n;
+    Ok(t.repeat(dims)?)
+}
+
+/// Stack the unconditional and conditional branches (`[N, 77, D]` each) into one conditioning
+/// of `2N` rows, unconditional first.
 pub fn batch_conditioning(uncond: &Tensor, cond: &Conditioning) -> Result<Conditioning> {
     Ok(match cond {
         Conditioning::Shared(c) => Conditioning::Shared(Tensor::cat(&[uncond, c], 0)?),

@@ -179,6 +179,57 @@ fn kill_and_resume_loses_and_repeats_nothing() {
     );
 }
 
+/// Batched generation (`eval --batch 3`): batches never mix subjects, the last one of a subject
+/// is ragged, a crash mid-batch keeps the images scored before it, and the resumed run
+/// generates only the rest; the results equal an unbatched run's line for line.
+#[test]
+fn batched_kill_and_resume_loses_and_repeats_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data);
+    let ds = Dataset::open(&data).unwrap();
+    let s = settings(Split::Both, 2);
+    let mut sc = scorers();
+
+    let full = tmp.path().join("full");
+    let mut one = FakeGenerator::new();
+    run_protocol(&s, &ds, &subjects(), &mut one, &mut sc, &full).unwrap();
+    let total = records(&full).len();
+    assert!(one.batches.iter().all(|b| b.1 == 1));
+
+    let out = tmp.path().join("batched");
+    let mut crashing = FakeGenerator::failing_after(4);
+    crashing.batch = 3;
+    run_protocol(&s, &ds, &subjects(), &mut crashing, &mut sc, &out).unwrap_err();
+    // The first batch of 3 was scored; the second failed at its second image.
+    assert_eq!(records(&out).len(), 3);
+    assert_eq!(crashing.batches.len(), 2);
+
+    let mut second = FakeGenerator::new();
+    second.batch = 3;
+    run_protocol(&s, &ds, &subjects(), &mut second, &mut sc, &out).unwrap();
+    assert_eq!(
+        second.calls,
+        total - 3,
+        "only the unscored images are generated again"
+    );
+    let mut per_subject = std::collections::BTreeMap::new();
+    for (subject, n) in &second.batches {
+        assert!(*n >= 1 && *n <= 3, "batch of {n}");
+        *per_subject.entry(subject.clone()).or_insert(0) += n;
+    }
+    assert_eq!(per_subject.values().sum::<usize>(), total - 3);
+    assert!(
+        second.batches.iter().any(|b| b.1 < 3),
+        "a ragged last batch: {:?}",
+        second.batches
+    );
+    assert_eq!(
+        sorted_lines(&out.join(RESULTS_FILE)),
+        sorted_lines(&full.join(RESULTS_FILE))
+    );
+}
+
 #[test]
 fn two_shards_merged_equal_one_run() {
     let tmp = tempfile::tempdir().unwrap();

@@ -375,3 +375,45 @@ fn keep_best_and_best_json_of_a_three_step_run() {
         "{stdout}"
     );
 }
+
+/// `eval --batch 3` (NeTI, 20 images: a ragged last batch of 2) scores as `--batch 1` within
+/// 1e-4, and a folder begun with one batch size resumes with another without redoing anything.
+#[test]
+fn batched_eval_scores_as_unbatched_and_resumes_across_batch_sizes() {
+    let t = tempfile::tempdir().unwrap();
+    let run = t.path().join("run");
+    let args = ["--subject", "dog", "--method", "neti", "--steps", "1"];
+    train_tiny(&args, None, &run);
+    let scores = |out: &Path| -> std::collections::BTreeMap<String, [f64; 3]> {
+        std::fs::read_to_string(out.join("results.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let s = |k: &str| v[k].as_f64().unwrap();
+                (
+                    v["key"].as_str().unwrap().to_string(),
+                    [s("clip_t"), s("clip_i"), s("dino")],
+                )
+            })
+            .collect()
+    };
+    let (one, three) = (t.path().join("b1"), t.path().join("b3"));
+    for (out, batch) in [(&one, "1"), (&three, "3")] {
+        let o = eval_tiny("--run", &run, &["--batch", batch], None, out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (a, b) = (scores(&one), scores(&three));
+    assert_eq!(a.len(), 20);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, x) in &a {
+        for (i, (p, q)) in x.iter().zip(&b[k]).enumerate() {
+            assert!((p - q).abs() <= 1e-4, "{k} score {i}: {p} batched {q}");
+        }
+    }
+    // The batch size is not part of the evaluation's identity: a rerun with another resumes.
+    let before = std::fs::read(one.join("results.jsonl")).unwrap();
+    let o = eval_tiny("--run", &run, &["--batch", "4"], None, &one);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(one.join("results.jsonl")).unwrap(), before);
+}

@@ -25,9 +25,14 @@ pub struct BenchArgs {
     /// Image sizes in pixels (multiples of 8), comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = vec![256usize, 512], value_parser = ranges::int(Range::MultipleOf8), allow_negative_numbers = true)]
     pub sizes: Vec<usize>,
-    /// Cases to run, comma-separated: ti, neti, ti+, neti+, sample.
+    /// Cases to run, comma-separated: ti, neti, ti+, neti+, sample, dreambooth, dreambooth-lora,
+    /// custom-diffusion, heldout, generate.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Case::DEFAULT.to_vec())]
     pub cases: Vec<Case>,
+    /// Images per guided step of the `generate` case, comma-separated: one row each, and the
+    /// projected time of the paper's full evaluation (10,000 images, 50 DDIM steps) from it.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 4, 8], value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
+    pub batches: Vec<usize>,
     /// Runs per case; the table reports the median.
     #[arg(long, default_value_t = 3, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub runs: usize,
@@ -61,6 +66,9 @@ pub struct BenchArgs {
 struct Row {
     case: Case,
     size: usize,
+    /// Images per step (the `generate` case).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch: Option<usize>,
     /// `ok`, `out of memory` or `failed`.
     status: String,
     /// What went wrong, when status is not `ok`.
@@ -181,10 +189,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .context("--case needs --size (it is set by the bench itself)")?;
         let device = args.common.device()?;
         let dtype = args.common.dtype()?;
+        let batch = args.batches.first().copied().unwrap_or(1);
         let r = bench::measure(
             &cfgs,
             case,
             size,
+            batch,
             (args.warmup, args.runs),
             seed,
             (&device, dtype),
@@ -198,21 +208,27 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &size in &args.sizes {
         for &case in &args.cases {
-            eprintln!(
-                "bench: {} at {size} px, {} warm-up + {} timed runs ...",
-                case.name(),
-                args.warmup,
-                args.runs
-            );
-            let mut row = run_child(args, case, size)?;
-            row.set_pytorch(pytorch_figures(
-                &measured,
-                args.pytorch.as_deref(),
-                case,
-                size,
-            ));
-            eprintln!("{}", format_row(&row));
-            rows.push(row);
+            let batches: Vec<Option<usize>> = if case == Case::Generate {
+                args.batches.iter().map(|&b| Some(b)).collect()
+            } else {
+                vec![None]
+            };
+            for batch in batches {
+                eprintln!(
+                    "bench: {} at {size} px, {} warm-up + {} timed runs ...",
+                    label(case, batch),
+                    args.warmup,
+                    args.runs
+                );
+                let mut row = run_child(args, case, size, batch)?;
+                row.set_pytorch(pytorch_figures(
+                    &measured,
+                    args.pytorch.as_deref(),
+                    (case, size, batch),
+                ));
+                eprintln!("{}", format_row(&row));
+                rows.push(row);
+            }
         }
     }
     let report = Report {
@@ -253,6 +269,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for line in heldout_lines(&report.rows) {
         writeln!(out, "{line}")?;
     }
+    for line in generate_lines(&report.rows) {
+        writeln!(out, "{line}")?;
+    }
     if let Some(p) = &args.json {
         crate::files::atomic_write(p, serde_json::to_string_pretty(&report)?.as_bytes())
             .with_context(|| format!("--json {}", p.display()))?;
@@ -275,7 +294,7 @@ fn configs(common: &Common) -> Result<BenchConfigs> {
 }
 
 /// Run one case in a fresh process of this binary and read its JSON line.
-fn run_child(args: &BenchArgs, case: Case, size: usize) -> Result<Row> {
+fn run_child(args: &BenchArgs, case: Case, size: usize, batch: Option<usize>) -> Result<Row> {
     let exe = std::env::current_exe().context("cannot find this program to re-run it per case")?;
     let mut cmd = Command::new(exe);
     cmd.arg("bench")
@@ -284,6 +303,9 @@ fn run_child(args: &BenchArgs, case: Case, size: usize) -> Result<Row> {
         .args(["--runs", &args.runs.to_string()])
         .args(["--warmup", &args.warmup.to_string()])
         .args(["--seed", &args.common.seed.unwrap_or(0).to_string()]);
+    if let Some(b) = batch {
+        cmd.args(["--batches", &b.to_string()]);
+    }
     if let Some(d) = &args.common.device {
         cmd.args(["--device", d]);
     }
@@ -312,6 +334,7 @@ fn run_child(args: &BenchArgs, case: Case, size: usize) -> Result<Row> {
     let mut row = Row {
         case,
         size,
+        batch,
         status: "ok".into(),
         error: None,
         result: None,
@@ -358,6 +381,9 @@ fn run_child(args: &BenchArgs, case: Case, size: usize) -> Result<Row> {
 struct PytorchLine {
     case: String,
     size: usize,
+    /// Images per step (`num_images_per_prompt`) of the `generate` case.
+    #[serde(default)]
+    batch: Option<usize>,
     median_s: f64,
     peak_gib: Option<f64>,
 }
@@ -367,13 +393,12 @@ struct PytorchLine {
 fn pytorch_figures(
     measured: &[PytorchLine],
     file: Option<&Path>,
-    case: Case,
-    size: usize,
+    (case, size, batch): (Case, usize, Option<usize>),
 ) -> Option<(f64, Option<f64>, String)> {
     match measured
         .iter()
         .rev()
-        .find(|l| l.case == case.name() && l.size == size)
+        .find(|l| l.case == case.name() && l.size == size && l.batch == batch)
     {
         Some(l) => Some((
             l.median_s,
@@ -447,9 +472,51 @@ fn limit_address_space(cmd: &mut Command, bytes: u64) {
     }
 }
 
+/// A row's case as the table shows it: `generate/4` for the generate case at batch 4.
+fn label(case: Case, batch: Option<usize>) -> String {
+    match batch {
+        Some(b) => format!("{}/{b}", case.name()),
+        None => case.name().to_string(),
+    }
+}
+
+/// Images the paper scores per method (20 subjects x 10 test images x 10 captions x 5 seeds)
+/// and the DDIM steps of each.
+const PAPER_IMAGES: f64 = 10_000.0;
+const PAPER_STEPS: f64 = 50.0;
+
+/// Per `generate` row: the cost of one image-step, images per second at 50 steps (beside
+/// PyTorch's where measured), and the projected time of the paper's evaluation on this machine
+/// at that batch (UNet steps only: text encoding, VAE decode and scoring add a little per image).
+fn generate_lines(rows: &[Row]) -> Vec<String> {
+    rows.iter()
+        .filter(|r| r.case == Case::Generate)
+        .filter_map(|r| {
+            let b = r.batch? as f64;
+            let step = r.result.as_ref()?.median_s / b;
+            let per_s = 1.0 / (step * PAPER_STEPS);
+            let beside = r
+                .pytorch_s
+                .filter(|_| r.pytorch_measured())
+                .map_or(String::new(), |p| {
+                    let theirs = b / (p * PAPER_STEPS);
+                    format!(
+                        " (PyTorch {theirs:.4}: {:.2} x its throughput)",
+                        per_s / theirs
+                    )
+                });
+            let hours = PAPER_IMAGES * PAPER_STEPS * step / 3600.0;
+            Some(format!(
+                "generate at {} px, batch {}: {step:.3} s per image-step, {per_s:.4} images/s at {PAPER_STEPS} steps{beside}; the paper's evaluation ({PAPER_IMAGES} images x {PAPER_STEPS} DDIM steps) would take {hours:.1} h here",
+                r.size, b as usize
+            ))
+        })
+        .collect()
+}
+
 fn header() -> String {
     format!(
-        "{:<8}{:>6}{:>10}{:>9}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}{:>6}  {}",
+        "{:<17}{:>6}{:>10}{:>9}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}{:>6}  {}",
         "case",
         "px",
         "median s",
@@ -469,8 +536,8 @@ fn format_row(r: &Row) -> String {
     let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
     let res = r.result.as_ref();
     format!(
-        "{:<8}{:>6}{:>10}{:>9}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}{:>6}  {}",
-        r.case.name(),
+        "{:<17}{:>6}{:>10}{:>9}{:>9}{:>9}{:>10}{:>11}{:>8}{:>13}{:>6}  {}",
+        label(r.case, r.batch),
         r.size,
         f(res.map(|x| x.median_s), 2),
         f(res.map(|x| x.median_forward_s), 2),
@@ -558,11 +625,13 @@ mod tests {
         Row {
             case,
             size,
+            batch: None,
             status: "ok".into(),
             error: None,
             result: median_s.map(|m| CaseResult {
                 case,
                 size,
+                batch: None,
                 runs: Vec::new(),
                 median_s: m,
                 median_forward_s: 0.0,
@@ -601,18 +670,69 @@ mod tests {
         let measured = read_pytorch(&path).unwrap();
         assert_eq!(measured.len(), 3);
         let mut r = row(Case::Ti, 512, Some(12.0));
-        r.set_pytorch(pytorch_figures(&measured, Some(&path), Case::Ti, 512));
+        r.set_pytorch(pytorch_figures(
+            &measured,
+            Some(&path),
+            (Case::Ti, 512, None),
+        ));
         assert_eq!((r.pytorch_s, r.pytorch_rss_gib), (Some(16.0), Some(6.3)));
         assert_eq!(r.time_ratio, Some(0.75));
         assert!(format_row(&r).contains("16.0*"), "{}", format_row(&r));
         let mut r = row(Case::Ti, 256, Some(4.3));
-        r.set_pytorch(pytorch_figures(&measured, Some(&path), Case::Ti, 256));
+        r.set_pytorch(pytorch_figures(
+            &measured,
+            Some(&path),
+            (Case::Ti, 256, None),
+        ));
         assert_eq!(r.pytorch_from.as_deref(), Some("SPEC.md §7"));
         assert_eq!(r.time_ratio, Some(1.0));
         assert!(!format_row(&r).contains('*'));
         std::fs::write(&path, "{\"case\": \"ti\", \"size\": 512}\n").unwrap();
         let e = format!("{:#}", read_pytorch(&path).unwrap_err());
         assert!(e.contains("pt.jsonl line 1"), "{e}");
+    }
+
+    /// The generate rows: the `--pytorch` line of the same batch, per-image cost and the
+    /// projection of the paper's 10,000 x 50-step evaluation.
+    #[test]
+    fn generate_rows_pair_by_batch_and_project_the_full_evaluation() {
+        let w = Wrap::try_parse_from(["x", "--cases", "generate"]).unwrap();
+        assert_eq!(w.b.batches, vec![1, 4, 8]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pt.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                r#"{"case": "generate", "size": 512, "batch": 1, "median_s": 2.0}"#,
+                "\n",
+                r#"{"case": "generate", "size": 512, "batch": 4, "median_s": 8.0}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        let measured = read_pytorch(&path).unwrap();
+        let mut rows = Vec::new();
+        for (b, median) in [(1, 1.8), (4, 7.2), (8, 14.4)] {
+            let mut r = row(Case::Generate, 512, Some(median));
+            r.batch = Some(b);
+            r.set_pytorch(pytorch_figures(
+                &measured,
+                Some(&path),
+                (Case::Generate, 512, Some(b)),
+            ));
+            rows.push(r);
+        }
+        assert_eq!(rows[0].pytorch_s, Some(2.0));
+        assert_eq!(rows[1].pytorch_s, Some(8.0));
+        assert_eq!(rows[2].pytorch_s, None, "no PyTorch line at batch 8");
+        assert!(format_row(&rows[1]).starts_with("generate/4 "));
+        let lines = generate_lines(&rows);
+        assert_eq!(lines.len(), 3);
+        // 1.8 s per image-step: 10,000 x 50 x 1.8 s = 250 h; PyTorch's 2.0 s: 2.0 / 1.8 = 1.11.
+        assert!(lines[0].contains("1.800 s per image-step"), "{}", lines[0]);
+        assert!(lines[0].contains("250.0 h"), "{}", lines[0]);
+        assert!(lines[0].contains("1.11 x its throughput"), "{}", lines[0]);
+        assert!(!lines[2].contains("PyTorch"), "{}", lines[2]);
     }
 
     #[test]

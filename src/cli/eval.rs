@@ -94,6 +94,11 @@ pub struct EvalArgs {
     /// Sampler (default ddim).
     #[arg(long, value_enum)]
     pub sampler: Option<SamplerChoice>,
+    /// Images per UNet call (2N rows with guidance), across the captions and samples of one
+    /// subject. Each image keeps its own seed, so the images do not depend on it and a run may
+    /// resume with another. Default: 1 on the CPU; on CUDA, as many as fit in free memory.
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
+    pub batch: Option<usize>,
 }
 
 /// `attractor eval` subcommands.
@@ -131,6 +136,8 @@ pub struct GenerationOptions {
     /// Precision of the frozen SD weights (`--dtype`).
     pub dtype: candle_core::DType,
     pub offline: bool,
+    /// Images per UNet call (`--batch`); `None`: `StableDiffusion::default_batch`.
+    pub batch: Option<usize>,
 }
 
 /// A run's generator and the subjects it was trained on.
@@ -267,6 +274,7 @@ fn run_generator(
         id["dtype"] = sd.dtype.as_str().into();
     }
     let id = id.to_string();
+    let batch = opts.batch.unwrap_or_else(|| sd.default_batch(&settings));
     Ok(RunGenerator {
         subjects: vec![info.subject.clone()],
         generator: Box::new(RunImages {
@@ -274,6 +282,7 @@ fn run_generator(
             subject,
             settings,
             id,
+            batch,
         }),
     })
 }
@@ -284,6 +293,8 @@ struct RunImages {
     subject: crate::personalize::generate::LearnedSubject,
     settings: crate::pipeline::SampleSettings,
     id: String,
+    /// Images per UNet call.
+    batch: usize,
 }
 
 impl Generator for RunImages {
@@ -292,21 +303,34 @@ impl Generator for RunImages {
     }
 
     fn generate(&mut self, subject: &str, prompt: &str, seed: u64) -> Result<image::RgbImage> {
+        self.generate_batch(subject, &[(prompt, seed)])?
+            .pop()
+            .context("no image generated")
+    }
+
+    fn generate_batch(
+        &mut self,
+        subject: &str,
+        requests: &[(&str, u64)],
+    ) -> Result<Vec<image::RgbImage>> {
         if subject != self.subject.info.subject {
             bail!(
                 "this run learned {}, not {subject}",
                 self.subject.info.subject
             );
         }
-        self.subject.generate(
+        self.subject.generate_batch(
             &self.sd,
             &self.settings,
-            prompt,
+            requests,
             None,
             None,
-            seed,
             &mut |_, _| {},
         )
+    }
+
+    fn batch_size(&self) -> usize {
+        self.batch
     }
 
     fn placeholder(&self, _subject: &str) -> Option<String> {
@@ -474,6 +498,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         device: device.clone(),
         dtype: args.common.dtype()?,
         offline,
+        batch: args.batch,
     };
     if let Some(run_dir) = &args.checkpoints {
         let (dataset, settings) = run_input(args, &read_run_info(run_dir)?, run_dir)?;

@@ -134,15 +134,18 @@ mod tests {
         (&["sample", "--prompt", "p"], "--truncation", "0", "16"),
         (&["sample", "--prompt", "p"], "--truncation", "129", "128"),
         (&["sample", "--prompt", "p"], "--attractor", "-1", "0"),
+        (&["sample", "--prompt", "p"], "--batch", "0", "4"),
         // eval
         (&["eval"], "--samples", "0", "1"),
         (&["eval"], "--steps", "0", "25"),
         (&["eval"], "--guidance", "-0.5", "7.5"),
+        (&["eval"], "--batch", "0", "8"),
         // masks
         (&["masks"], "--points-per-side", "0", "1"),
         // bench
         (&["bench"], "--sizes", "250", "256"),
         (&["bench"], "--runs", "0", "1"),
+        (&["bench"], "--batches", "0", "4"),
         (&["bench"], "--warmup", "-1", "0"),
         (&["bench"], "--max-memory-gb", "0", "8"),
         (&["bench"], "--size", "12", "16"),

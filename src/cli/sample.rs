@@ -34,6 +34,10 @@ pub struct SampleArgs {
     /// How many images (image i uses seed + i).
     #[arg(long, default_value_t = 1, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
     pub num_images: usize,
+    /// Images per UNet call (2N rows with guidance). Image i still starts from seed + i, so the
+    /// images do not depend on it. Default: 1 on the CPU; on CUDA, as many as fit in free memory.
+    #[arg(long, value_parser = ranges::int(Range::AtLeast(1)), allow_negative_numbers = true)]
+    pub batch: Option<usize>,
     /// Image height in pixels (default: the UNet config's sample_size x 8, 512 for SD 1.5).
     #[arg(long, value_parser = ranges::int(Range::MultipleOf8), allow_negative_numbers = true)]
     pub height: Option<usize>,
@@ -179,37 +183,56 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         }
     };
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let batch = args
+        .batch
+        .unwrap_or_else(|| {
+            subject
+                .as_ref()
+                .map_or(&sd, |s| s.model(&sd))
+                .default_batch(&settings)
+        })
+        .min(args.num_images);
     let mut written = Vec::new();
-    for i in 0..args.num_images {
-        let s = seed + i as u64;
-        let pb = progress(
-            settings.steps as u64,
-            &format!("image {}/{}", i + 1, args.num_images),
-        );
+    let indices: Vec<usize> = (0..args.num_images).collect();
+    for chunk in indices.chunks(batch) {
+        let seeds: Vec<u64> = chunk.iter().map(|&i| seed + i as u64).collect();
+        let msg = match chunk {
+            [i] => format!("image {}/{}", i + 1, args.num_images),
+            _ => format!(
+                "images {}-{}/{}",
+                chunk[0] + 1,
+                chunk[chunk.len() - 1] + 1,
+                args.num_images
+            ),
+        };
+        let pb = progress(settings.steps as u64, &msg);
         let mut on_step = |k: usize, _n: usize| pb.set_position(k as u64);
-        let img = match &subject {
-            Some(subj) => subj.generate(
+        let requests: Vec<(&str, u64)> = seeds.iter().map(|&s| (args.prompt.as_str(), s)).collect();
+        let images = match &subject {
+            Some(subj) => subj.generate_batch(
                 &sd,
                 &settings,
-                &args.prompt,
+                &requests,
                 args.attractor,
                 args.truncation,
-                s,
                 &mut on_step,
             )?,
-            None => sd.generate(&settings, &args.prompt, extra.as_ref(), s, &mut on_step)?,
+            None => sd.generate_batch(&settings, &requests, extra.as_ref(), &mut on_step)?,
         };
         pb.finish_and_clear();
-        let path = out.join(format!("{i:03}-seed{s}.png"));
-        crate::files::save_png(&img, &path)?;
-        eprintln!("wrote {}", path.display());
-        written.push(path.display().to_string());
+        for ((&i, &s), img) in chunk.iter().zip(&seeds).zip(images) {
+            let path = out.join(format!("{i:03}-seed{s}.png"));
+            crate::files::save_png(&img, &path)?;
+            eprintln!("wrote {}", path.display());
+            written.push(path.display().to_string());
+        }
     }
     let record = serde_json::json!({
         "model": sd.id,
         "dtype": sd.dtype.as_str(),
         "prompt": args.prompt,
         "seed": seed,
+        "batch": batch,
         "settings": settings,
         "run": args.run,
         "truncation": args.truncation,

@@ -48,6 +48,22 @@ pub trait Generator {
     /// `<v*>`). The same (subject, prompt, seed) must give the same image.
     fn generate(&mut self, subject: &str, prompt: &str, seed: u64) -> Result<RgbImage>;
 
+    /// One image per `(prompt, seed)` of `requests`, all for `subject`, in order; each must
+    /// equal [`Self::generate`] of its own request (a batch only shares the work). The default
+    /// generates them one at a time.
+    fn generate_batch(&mut self, subject: &str, requests: &[(&str, u64)]) -> Result<Vec<RgbImage>> {
+        requests
+            .iter()
+            .map(|(prompt, seed)| self.generate(subject, prompt, *seed))
+            .collect()
+    }
+
+    /// How many images [`run_protocol`] asks for per [`Self::generate_batch`] call. Not part
+    /// of [`Self::id`]: the images do not depend on it, so a run may resume with another.
+    fn batch_size(&self) -> usize {
+        1
+    }
+
     /// The placeholder text the generator puts for `{}` (used for `--clip-t-subject keep`);
     /// `None` when it has no textual placeholder.
     fn placeholder(&self, _subject: &str) -> Option<String> {
@@ -624,35 +640,71 @@ pub fn run_protocol_with_progress(
         total,
         record: None,
     });
-    for (done, job) in (already..).zip(pending) {
-        let key = job.key();
-        let img = generator
-            .generate(&job.subject, &job.prompt, job.seed)
+    let batch = generator.batch_size().max(1);
+    let mut done = already;
+    for group in batches(&pending, batch) {
+        let requests: Vec<(&str, u64)> =
+            group.iter().map(|j| (j.prompt.as_str(), j.seed)).collect();
+        let first = group[0];
+        let images = generator
+            .generate_batch(&first.subject, &requests)
             .with_context(|| {
+                let what = if group.len() == 1 {
+                    format!("{} (seed {})", first.key(), first.seed)
+                } else {
+                    format!("a batch of {} images from {}", group.len(), first.key())
+                };
                 format!(
-                    "generating {key} (seed {}) failed; the {done} images done so far are saved \
-                     in {}: rerun the same command to resume",
-                    job.seed,
+                    "generating {what} failed; the {done} images done so far are saved in {}: \
+                     rerun the same command to resume",
                     out.display()
                 )
             })?;
-        let rel = Path::new("images").join(job.image_rel_path());
-        crate::files::save_png(&img, &out.join(&rel))?;
-        let feats = scorers
-            .image_features(std::slice::from_ref(&img))?
-            .pop()
-            .context("no features returned for a generated image")?;
-        let record = score_job(job, &feats, &refs, scorers, path_string(&rel))?;
-        store.append(&record)?;
-        progress(Progress {
-            done: done + 1,
-            total,
-            record: Some(&record),
-        });
+        if images.len() != group.len() {
+            bail!(
+                "the generator returned {} images for a batch of {}",
+                images.len(),
+                group.len()
+            );
+        }
+        // Each image counts once its line is in results.jsonl: a kill mid-batch loses only the
+        // images not yet appended, and a resumed run regenerates exactly those.
+        for (job, img) in group.iter().zip(images) {
+            let rel = Path::new("images").join(job.image_rel_path());
+            crate::files::save_png(&img, &out.join(&rel))?;
+            let feats = scorers
+                .image_features(std::slice::from_ref(&img))?
+                .pop()
+                .context("no features returned for a generated image")?;
+            let record = score_job(job, &feats, &refs, scorers, path_string(&rel))?;
+            store.append(&record)?;
+            done += 1;
+            progress(Progress {
+                done,
+                total,
+                record: Some(&record),
+            });
+        }
     }
     let summary = summarize(store.records(), &config);
     write_summary(out, &summary)?;
     Ok(summary)
+}
+
+/// `jobs` in order, cut into runs of at most `size` consecutive jobs of one subject (a batch
+/// shares one learned subject's model).
+fn batches<'a, 'j>(jobs: &'a [&'j Job], size: usize) -> Vec<&'a [&'j Job]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=jobs.len() {
+        if i == jobs.len() || i - start == size || jobs[i].subject != jobs[start].subject {
+            if i > start {
+                out.push(&jobs[start..i]);
+            }
+            start = i;
+        }
+    }
+    out
 }
 
 fn path_string(p: &Path) -> String {

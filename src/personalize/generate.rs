@@ -253,19 +253,47 @@ impl LearnedSubject {
         seed: u64,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<image::RgbImage> {
+        self.generate_batch(sd, s, &[(template, seed)], attractor, truncation, on_step)?
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("no image decoded"))
+    }
+
+    /// One image per `(template, seed)` of `requests`, all sharing the UNet calls (2N rows with
+    /// guidance, see `crate::pipeline`): each starts from its own seed's latents and has its own
+    /// prompt's conditioning (NeTI: per timestep and layer, every row at the step's timestep),
+    /// so each equals [`Self::generate`] of its own request.
+    pub fn generate_batch(
+        &self,
+        sd: &StableDiffusion,
+        s: &SampleSettings,
+        requests: &[(&str, u64)],
+        attractor: Option<usize>,
+        truncation: Option<usize>,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<image::RgbImage>> {
         let sd = self.model(sd);
-        let prompt = self.fill_prompt(template, attractor)?;
-        let tokens = self.tokenizer.encode(&prompt)?;
-        let ids = ids_tensor(&[tokens], &sd.device)?;
+        let mut tokens = Vec::with_capacity(requests.len());
+        for (template, _) in requests {
+            let prompt = self.fill_prompt(template, attractor)?;
+            tokens.push(self.tokenizer.encode(&prompt)?);
+        }
+        let ids = ids_tensor(&tokens, &sd.device)?;
+        let seeds: Vec<u64> = requests.iter().map(|r| r.1).collect();
         let uncond = sd.encode_prompt(&s.negative_prompt, None)?;
-        let latents = sd.initial_latents(s, seed)?;
+        let latents = sd.initial_latents_batch(s, &seeds)?;
         let n_layers = UNET_LAYERS.len();
         let learned = &self.learned;
         let text = &sd.text;
         let fixed = match learned {
             Learned::None | Learned::Rows(_) => Some(
                 learned
-                    .encode(text, &ids, &[0], 1, NetiOptions::default())?
+                    .encode(
+                        text,
+                        &ids,
+                        &vec![0; requests.len()],
+                        1,
+                        NetiOptions::default(),
+                    )?
                     .cond,
             ),
             Learned::Mappers { .. } => {
@@ -291,7 +319,7 @@ impl LearnedSubject {
                     .encode(
                         text,
                         &ids,
-                        &[t],
+                        &vec![t; requests.len()],
                         n_layers,
                         NetiOptions {
                             truncation,
@@ -302,9 +330,6 @@ impl LearnedSubject {
             }
         };
         let out = sd.denoise(s, latents, &uncond, &mut cond, on_step)?;
-        let img = sd.decode(&out)?;
-        crate::pipeline::to_rgb_images(&img)?
-            .pop()
-            .ok_or_else(|| anyhow::anyhow!("no image decoded"))
+        sd.decode_images(&out)
     }
 }

@@ -172,7 +172,9 @@ impl UNetConfig {
         Ok(())
     }
 
-    fn heads(&self) -> usize {
+    /// Attention heads of every transformer block (SD 1.5's config names them
+    /// `attention_head_dim`, a diffusers naming slip kept for compatibility).
+    pub fn heads(&self) -> usize {
         self.num_attention_heads.unwrap_or(self.attention_head_dim)
     }
 

@@ -159,6 +159,10 @@ pub struct FakeGenerator {
     pub calls: usize,
     pub fail_after: Option<usize>,
     pub prompts: Vec<String>,
+    /// Images per `generate_batch` call asked for (`Generator::batch_size`).
+    pub batch: usize,
+    /// Each `generate_batch` call: its subject and how many images it asked for.
+    pub batches: Vec<(String, usize)>,
 }
 
 impl FakeGenerator {
@@ -167,6 +171,8 @@ impl FakeGenerator {
             calls: 0,
             fail_after: None,
             prompts: Vec::new(),
+            batch: 1,
+            batches: Vec::new(),
         }
     }
 
@@ -192,6 +198,22 @@ impl Generator for FakeGenerator {
         self.prompts.push(prompt.to_string());
         let mix = attractor::rng::Rng::derive_seed(&[subject, prompt, &seed.to_string()]);
         Ok(picture(mix, 96, 96))
+    }
+
+    fn generate_batch(
+        &mut self,
+        subject: &str,
+        requests: &[(&str, u64)],
+    ) -> anyhow::Result<Vec<RgbImage>> {
+        self.batches.push((subject.to_string(), requests.len()));
+        requests
+            .iter()
+            .map(|(p, seed)| self.generate(subject, p, *seed))
+            .collect()
+    }
+
+    fn batch_size(&self) -> usize {
+        self.batch
     }
 
     fn placeholder(&self, _subject: &str) -> Option<String> {
