@@ -184,3 +184,121 @@ fn missing_local_file_names_folder_and_file() {
         "{err}"
     );
 }
+
+/// DINOv2 (tests/fixtures/tiny-dinov2, golden-dinov2.*, scripts/fixtures/make-dinov2.py):
+/// `BitImageProcessor` pixels from the image file, and `Dinov2Model(...).last_hidden_state[:, 0]`
+/// of a batch of those pixels and their mirror image. The fixture keeps the real patch 14 and
+/// image size 518, so its 37 x 37 position grid is resized to the crop's 16 x 16 as for
+/// facebook/dinov2-small; every weight is random, layer scales included.
+#[test]
+fn dinov2_pixels_and_cls_match_transformers() {
+    let golden = candle_core::safetensors::load(
+        common::fixtures().join("golden-dinov2.safetensors"),
+        &dev(),
+    )
+    .unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures().join("golden-dinov2.json")).unwrap(),
+    )
+    .unwrap();
+    let dino = DinoScorer::load(&local("tiny-dinov2"), &dev(), true).unwrap();
+    assert!(
+        dino.model.architecture().starts_with("Dinov2Model"),
+        "{}",
+        dino.model.architecture()
+    );
+    let image = image::open(
+        root()
+            .join("data/dreambooth-split")
+            .join(meta["image"].as_str().unwrap()),
+    )
+    .unwrap()
+    .to_rgb8();
+    let pixels = &golden["dinov2.pixel_values"];
+    let ours = dino.preprocess.batch(&[image], &dev()).unwrap();
+    let d = mean_abs_diff(&ours, pixels);
+    eprintln!("dinov2 pixel mean abs diff {d:.4}");
+    assert!(d < 0.02, "dinov2 pixel mean abs diff {d}");
+
+    let w = pixels.dim(3).unwrap();
+    let rev = Tensor::arange(0u32, w as u32, &dev())
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>();
+    let rev = Tensor::new(rev.as_slice(), &dev()).unwrap();
+    let flipped = pixels.index_select(&rev, 3).unwrap();
+    let batch = Tensor::cat(&[pixels, &flipped], 0).unwrap();
+    let cls = dino.model.cls(&batch).unwrap();
+    let err = common::max_abs(&(&cls - &golden["dinov2.cls"]).unwrap());
+    eprintln!("dinov2 cls max abs error {err:.2e}");
+    assert!(err < 1e-4, "dinov2 cls max abs error {err}");
+}
+
+fn scorer_golden(key: &str) -> Tensor {
+    candle_core::safetensors::load(
+        common::fixtures().join("golden-scorers.safetensors"),
+        &dev(),
+    )
+    .unwrap()
+    .remove(key)
+    .unwrap_or_else(|| panic!("{key} missing from golden-scorers.safetensors"))
+}
+
+/// DINO ViT-S/8 (`--dino facebook/dino-vits8`): the same ViTModel with 8-pixel patches, a
+/// 28 x 28 grid at 224 (tests/fixtures/tiny-dino-s8, scripts/fixtures/make-scorers.py).
+#[test]
+fn dino_vits8_cls_matches_transformers() {
+    let dino = DinoScorer::load(&local("tiny-dino-s8"), &dev(), true).unwrap();
+    let arch = dino.model.architecture();
+    assert!(arch.starts_with("ViTModel (DINO): patch 8,"), "{arch}");
+    let cls = dino
+        .model
+        .cls(&scorer_golden("dino_s8.pixel_values"))
+        .unwrap();
+    assert_close(
+        "dino_s8.cls",
+        &cls,
+        &scorer_golden("dino_s8.cls"),
+        1e-4,
+        0.0,
+    );
+}
+
+/// CLIP ViT-L/14 (`--clip openai/clip-vit-large-patch14`): 14-pixel patches and vision and text
+/// towers of different widths (tests/fixtures/tiny-clip-l14).
+#[test]
+fn clip_vitl14_embeds_match_transformers() {
+    let clip = ClipScorer::load(&local("tiny-clip-l14"), &dev(), true).unwrap();
+    let ours = clip
+        .model
+        .image_embeds(&scorer_golden("clip_l14.pixel_values"))
+        .unwrap();
+    assert_close(
+        "clip_l14.image_embeds",
+        &ours,
+        &scorer_golden("clip_l14.image_embeds"),
+        1e-4,
+        0.0,
+    );
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures().join("golden-scorers.json")).unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<&str> = meta["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let ours = clip.embed_texts(&texts).unwrap();
+    assert_close(
+        "clip_l14.text_embeds",
+        &ours,
+        &scorer_golden("clip_l14.text_embeds"),
+        1e-4,
+        0.0,
+    );
+}

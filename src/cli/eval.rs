@@ -74,11 +74,14 @@ pub struct EvalArgs {
     #[arg(long)]
     pub shard: Option<Shard>,
     /// CLIP scorer: a local folder or a hub repo id (`repo@revision`; openai/clip-vit-base-patch32
-    /// defaults to revision refs/pr/15, which has model.safetensors).
+    /// defaults to revision refs/pr/15, which has model.safetensors). Any transformers
+    /// `CLIPModel` loads, e.g. openai/clip-vit-large-patch14 (ViT-L/14, as some papers score).
     #[arg(long, default_value = CLIP_REPO)]
     pub clip: String,
     /// DINO scorer: a local folder or a hub repo id (`repo@revision`; facebook/dino-vits16
-    /// defaults to revision refs/pr/1, which has model.safetensors).
+    /// defaults to revision refs/pr/1, which has model.safetensors). Also DINO ViT-S/8
+    /// (facebook/dino-vits8) and DINOv2 (facebook/dinov2-small, CLS of the last hidden state),
+    /// told apart by their config.json. Scores are raw cosines (eval-config.json says so).
     #[arg(long, default_value = DINO_REPO)]
     pub dino: String,
     /// What CLIP-T's text puts where a caption has `{}`: the class word, nothing, or the

@@ -12,6 +12,7 @@
 pub mod checkpoints;
 pub mod clip;
 pub mod dino;
+pub mod dinov2;
 pub mod preprocess;
 pub mod protocol;
 pub mod store;

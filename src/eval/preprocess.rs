@@ -72,12 +72,19 @@ impl Preprocess {
     /// The CLIP recipe as a transformers `preprocessor_config.json` states it (missing keys keep
     /// CLIP's defaults).
     pub fn from_clip_config(path: &Path) -> Result<Self> {
+        Self::from_config(path, Self::clip())
+    }
+
+    /// The recipe a transformers `preprocessor_config.json` states (`CLIPImageProcessor`,
+    /// `BitImageProcessor`: `size.shortest_edge`, `crop_size`, `image_mean`, `image_std`); keys
+    /// it lacks keep `defaults`.
+    pub fn from_config(path: &Path, defaults: Self) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let cfg: HfPreprocessorConfig = serde_json::from_str(&text).with_context(|| {
             format!("{} is not a valid preprocessor_config.json", path.display())
         })?;
-        let mut p = Self::clip();
+        let mut p = defaults;
         if let Some(s) = cfg.size.and_then(|s| s.shortest_edge.or(s.height)) {
             p.resize_short = s;
         }

@@ -27,6 +27,15 @@ pub const FORMAT: u32 = 1;
 const SEED_SCHEME: &str =
     "fnv1a64(subject, test image file | \"classic\", caption index, sample index)";
 
+/// What `clip_t`, `clip_i` and `dino` of a results line are.
+pub const SCORES: &str = "raw cosine similarities in [-1, 1] (not x100, not clipped at 0): clip_t \
+    of the CLIP text and image embeddings, clip_i of the CLIP image embeddings and dino of the \
+    DINO CLS features, each averaged over the job's reference images";
+
+fn scores_meaning() -> String {
+    SCORES.to_string()
+}
+
 /// Everything that decides what a results line means. Two folders with equal configs (shard
 /// aside) hold interchangeable lines.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -40,6 +49,11 @@ pub struct EvalConfig {
     pub clip: String,
     /// DINO scorer source.
     pub dino: String,
+    /// What the score columns are ([`SCORES`]), so that numbers set beside other papers' are
+    /// not mistaken for CLIPScore's `100 * max(cos, 0)` or a rescaled variant. Folders written
+    /// before it was recorded held the same scores, hence the default.
+    #[serde(default = "scores_meaning")]
+    pub scores: String,
     /// The generator's fingerprint (`Generator::id`), or `images:<folder>` for `--images`.
     pub images_from: String,
     /// The dataset folder.
@@ -59,6 +73,7 @@ impl EvalConfig {
             clip_t_subject: settings.clip_t_subject,
             clip: scorers.clip_source.to_string(),
             dino: scorers.dino_source.to_string(),
+            scores: scores_meaning(),
             images_from: images_from.to_string(),
             data: data.to_string(),
             seeds: SEED_SCHEME.to_string(),

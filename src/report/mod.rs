@@ -836,6 +836,7 @@ mod tests {
             clip_t_subject: crate::eval::protocol::ClipTSubject::Class,
             clip: "clip".into(),
             dino: "dino".into(),
+            scores: crate::eval::store::SCORES.into(),
             images_from: "test".into(),
             data: "/nowhere".into(),
             seeds: "test".into(),
