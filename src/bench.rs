@@ -654,39 +654,24 @@ pub fn measure(
             let seeds: Vec<u64> = (0..batch as u64).map(|i| seed + i).collect();
             let latents = sd.initial_latents_batch(&s, &seeds)?;
             let uncond = sd.encode_prompt("", None)?;
-            let prompts = vec!["a photo of a dog"; batch];
-            let ids = prompts
-                .iter()
-                .map(|p| sd.tokenize(p))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let cond = Conditioning::Shared(sd.text.forward(&Tensor::cat(&ids, 0)?, None)?);
+            let ids = sd.tokenize("a photo of a dog")?.repeat((batch, 1))?;
+            let cond = Conditioning::Shared(sd.text.forward(&ids, None)?);
             let build_s = start.elapsed().as_secs_f64();
-            let mut all = Vec::with_capacity(runs);
-            for i in 0..warmup + runs {
-                let cpu0 = process_cpu_seconds();
-                let t0 = Instant::now();
-                let out = device.with_context(|| {
-                    sd.denoise(
-                        &s,
-                        latents.clone(),
-                        &uncond,
-                        &mut |_| Ok(cond.clone()),
-                        &mut |_, _| {},
-                    )
-                })?;
+            let all = time_forward(device, (warmup, runs), || {
+                let out = sd.denoise(
+                    &s,
+                    latents.clone(),
+                    &uncond,
+                    &mut |_| Ok(cond.clone()),
+                    &mut |_, _| {},
+                )?;
                 // Reading the sum back waits for the device and checks the step's output.
                 let total = out.sum_all()?.to_scalar::<f32>()?;
                 if !total.is_finite() {
                     anyhow::bail!("the generated latents are not finite");
                 }
-                if i >= warmup {
-                    all.push(RunTimes {
-                        forward_s: t0.elapsed().as_secs_f64(),
-                        backward_s: 0.0,
-                        cpu_s: process_cpu_seconds() - cpu0,
-                    });
-                }
-            }
+                Ok(())
+            })?;
             (all, build_s)
         }
         None if case == Case::HeldOut => {
@@ -709,22 +694,12 @@ pub fn measure(
             )?;
             let chunk = trainer.unet_rows_per_step();
             let build_s = start.elapsed().as_secs_f64();
-            let mut all = Vec::with_capacity(runs);
-            for i in 0..warmup + runs {
-                let cpu0 = process_cpu_seconds();
-                let t0 = Instant::now();
-                let loss = device.with_context(|| set.loss(&trainer, chunk))?;
-                if !loss.is_finite() {
+            let all = time_forward(device, (warmup, runs), || {
+                if !set.loss(&trainer, chunk)?.is_finite() {
                     anyhow::bail!("the held-out loss is not finite");
                 }
-                if i >= warmup {
-                    all.push(RunTimes {
-                        forward_s: t0.elapsed().as_secs_f64(),
-                        backward_s: 0.0,
-                        cpu_s: process_cpu_seconds() - cpu0,
-                    });
-                }
-            }
+                Ok(())
+            })?;
             (all, build_s)
         }
         None => {
@@ -800,6 +775,29 @@ pub fn measure(
         build_s,
         peak_rss_bytes: peak_rss_bytes(),
     })
+}
+
+/// Run a forward-only case `warmup` times untimed, then `runs` times timed (wall and CPU
+/// seconds), each inside `device`'s context as [`run_once`] runs the others.
+fn time_forward(
+    device: &Device,
+    (warmup, runs): (usize, usize),
+    mut once: impl FnMut() -> anyhow::Result<()> + Send,
+) -> anyhow::Result<Vec<RunTimes>> {
+    let mut all = Vec::with_capacity(runs);
+    for i in 0..warmup + runs {
+        let cpu0 = process_cpu_seconds();
+        let t0 = Instant::now();
+        device.with_context(&mut once)?;
+        if i >= warmup {
+            all.push(RunTimes {
+                forward_s: t0.elapsed().as_secs_f64(),
+                backward_s: 0.0,
+                cpu_s: process_cpu_seconds() - cpu0,
+            });
+        }
+    }
+    Ok(all)
 }
 
 /// The whole model bundle (text encoder, UNet, VAE, schedule, bundled tokenizer) with
