@@ -176,7 +176,7 @@ impl DinoBackbone {
         }
     }
 
-    /// What the network is, as results record it (read from its config, not from its name).
+    /// What the network is, read from its config (not from its name); the parity tests check it.
     pub fn architecture(&self) -> String {
         match self {
             Self::Vit(m) => {
